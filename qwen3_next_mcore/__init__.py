@@ -1,0 +1,36 @@
+"""qwen3-next-mcore: train Qwen3-Next (Gated DeltaNet + gated attention + MoE + MTP) on Megatron-Core.
+
+The public API is imported lazily, so ``import qwen3_next_mcore`` is cheap; megatron-core is imported
+on first use of a name that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "Qwen3NextConfig": "qwen3_next_mcore.config",
+    "ParallelConfig": "qwen3_next_mcore.config",
+    "get_preset": "qwen3_next_mcore.config",
+    "to_transformer_config": "qwen3_next_mcore.config",
+    "parallel": "qwen3_next_mcore.parallel",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qwen3_next_mcore' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    return mod if module.endswith("." + name) else getattr(mod, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,1 @@
+"""Helpers for tests and examples: multi-process launches, tiny HF checkpoints, numeric comparisons."""
