@@ -1,0 +1,289 @@
+"""Which kernel runs each op: environment detection and the (pure, unit-testable) decision rules.
+
+The decision functions take a :class:`KernelEnv` (versions and hardware facts) so tests can inject any
+combination; :func:`detect_kernel_env` fills one from the running process. Rules (docs/kernels.md):
+
+* CPU tensors run the pure-torch path. CUDA tensors run fused kernels (fla, Dao-AILab causal-conv1d);
+  a missing kernel on CUDA raises, it never falls back silently to the slow torch path. Asking for
+  ``backend="torch"`` explicitly is always allowed.
+* Hopper (compute capability 9.x) with 3.4.0 <= Triton < 3.7.1 miscompiles fla's gated backward
+  (``chunk_bwd_dqkwg``, fla issue #640). fla >= 0.6.0 then routes that kernel to TileLang, which it
+  does only when ``tilelang`` imports, an ``nvcc`` is found and ``FLA_TILELANG`` is not ``0``. Without
+  that we raise before running anything: never a known-wrong kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+from functools import cache
+from pathlib import Path
+
+import torch
+from packaging.version import InvalidVersion, Version
+
+log = logging.getLogger("qwen3_next_mcore.ops")
+
+AUTO = (None, "auto")
+GDN_BACKENDS = ("torch", "naive", "fla")
+CONV_BACKENDS = ("torch", "causal_conv1d", "fla")
+NORM_BACKENDS = ("torch", "fla")
+
+# Triton range with the Hopper miscompile of fla's gated backward (fixed in Triton 3.7.1)
+TRITON_BAD_MIN, TRITON_FIXED = Version("3.4.0"), Version("3.7.1")
+# first fla whose gated backward has the TileLang path and the guard (the version we verified)
+FLA_MIN_TILELANG = Version("0.6.0")
+# fla handles HV % H == 0 value heads natively from this version on
+FLA_MIN_GVA = Version("0.5.0")
+
+GPU_EXTRA_HINT = (
+    "install the `gpu` extra: `pip install 'qwen3-next-mcore[gpu]'` (flash-linear-attention, "
+    "causal-conv1d, tilelang)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelEnv:
+    """What the backend decisions depend on. Versions are strings, None when not installed."""
+
+    device: str = "cpu"  # torch device type of the tensors: "cpu", "cuda", ...
+    capability: tuple[int, int] | None = None  # CUDA compute capability of that device
+    triton: str | None = None
+    fla: str | None = None
+    tilelang: str | None = None  # set only when `import tilelang` works
+    nvcc: bool = False  # TileLang compiles its kernels with nvcc at run time
+    causal_conv1d: str | None = None
+    fla_tilelang_env: str | None = None  # os.environ["FLA_TILELANG"]: "0" disables TileLang in fla
+    fla_dispatch_disabled: bool = False  # FLA_DISABLE_BACKEND_DISPATCH=1 bypasses fla's TileLang path
+
+
+def _version(text: str | None) -> Version | None:
+    if text is None:
+        return None
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _module_version(module: str, *dists: str) -> str | None:
+    """Version of an importable module (from its metadata or __version__); None when absent."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    version = _dist_version(*dists)
+    if version is None:
+        version = str(getattr(importlib.import_module(module), "__version__", "unknown"))
+    return version
+
+
+def _importable_version(module: str) -> str | None:
+    """Like _module_version, but the module must also import (tilelang can be present and broken)."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        mod = importlib.import_module(module)
+    except Exception as error:  # noqa: BLE001 - any import failure means "not usable"
+        log.warning("%s is installed but does not import: %s", module, error)
+        return None
+    return _dist_version(module) or str(getattr(mod, "__version__", "unknown"))
+
+
+def _nvcc_available() -> bool:
+    try:  # fla's own check is the one that decides whether it uses TileLang
+        from fla.utils import has_usable_nvcc
+
+        return bool(has_usable_nvcc())
+    except ImportError:
+        pass
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return shutil.which("nvcc") is not None or (Path(home) / "bin" / "nvcc").exists()
+
+
+@cache
+def detect_kernel_env(device_type: str = "cuda", device_index: int | None = None) -> KernelEnv:
+    """Read versions and hardware facts of this process for tensors on ``device_type``."""
+    if device_type != "cuda":
+        return KernelEnv(device=device_type)
+    capability = torch.cuda.get_device_capability(device_index) if torch.cuda.is_available() else None
+    fla = _module_version("fla", "fla-core", "flash-linear-attention")
+    tilelang = _importable_version("tilelang")
+    return KernelEnv(
+        device="cuda",
+        capability=capability,
+        triton=_module_version("triton", "triton", "pytorch-triton"),
+        fla=fla,
+        tilelang=tilelang,
+        nvcc=_nvcc_available() if (fla and tilelang) else False,
+        causal_conv1d=_module_version("causal_conv1d", "causal-conv1d", "causal_conv1d"),
+        fla_tilelang_env=os.environ.get("FLA_TILELANG"),
+        fla_dispatch_disabled=os.environ.get("FLA_DISABLE_BACKEND_DISPATCH") == "1",
+    )
+
+
+def env_for(tensor: torch.Tensor) -> KernelEnv:
+    return detect_kernel_env(tensor.device.type, tensor.device.index if tensor.is_cuda else None)
+
+
+def _check_requested(requested: str | None, allowed: tuple[str, ...], op: str) -> None:
+    if requested not in AUTO and requested not in allowed:
+        raise ValueError(f"{op}: backend must be None, 'auto' or one of {allowed}, got {requested!r}")
+
+
+def _versions(env: KernelEnv) -> dict:
+    return {k: v for k, v in dataclasses.asdict(env).items() if k not in ("fla_dispatch_disabled",)}
+
+
+def hopper_triton_hazard(env: KernelEnv) -> bool:
+    """True where fla's Triton gated backward is known to be wrong (Hopper, 3.4.0 <= Triton < 3.7.1)."""
+    triton = _version(env.triton)
+    return (
+        env.capability is not None
+        and env.capability[0] == 9
+        and triton is not None
+        and TRITON_BAD_MIN <= triton < TRITON_FIXED
+    )
+
+
+def _tilelang_blockers(env: KernelEnv) -> list[str]:
+    """Why fla would not use its TileLang backward here (empty when it will)."""
+    reasons = []
+    fla = _version(env.fla)
+    if fla is None or fla < FLA_MIN_TILELANG:
+        reasons.append(
+            f"fla {env.fla} has no TileLang backward (needs flash-linear-attention >= {FLA_MIN_TILELANG})"
+        )
+    if env.tilelang is None:
+        reasons.append("tilelang is not importable")
+    elif not env.nvcc:
+        reasons.append("tilelang is installed but no nvcc was found (TileLang compiles with it)")
+    if env.fla_tilelang_env == "0":
+        reasons.append("FLA_TILELANG=0 disables it")
+    if env.fla_dispatch_disabled:
+        reasons.append("FLA_DISABLE_BACKEND_DISPATCH=1 disables it")
+    return reasons
+
+
+def gdn_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
+    """Decide the gated delta rule backend. Returns a dict with the versions and
+
+    ``backend`` ("torch" | "naive" | "fla" | None), ``fla_backward`` ("triton" | "tilelang" | None),
+    ``fla_native_gva`` (bool) and ``error`` (None, or the message to raise as RuntimeError).
+    """
+    _check_requested(requested, GDN_BACKENDS, "gated_delta_rule")
+    report = {"op": "gated_delta_rule", "requested": requested, **_versions(env)}
+    report.update(backend=None, fla_backward=None, fla_native_gva=None, error=None)
+    if requested in ("torch", "naive"):
+        return {**report, "backend": requested}
+    if env.device == "cpu":
+        if requested == "fla":
+            return {
+                **report,
+                "error": "gated_delta_rule: backend='fla' needs CUDA tensors; use 'torch' on CPU",
+            }
+        return {**report, "backend": "torch"}
+    if env.device != "cuda":
+        msg = f"gated_delta_rule: no fused kernel for {env.device} tensors; pass backend='torch' explicitly"
+        return {**report, "error": msg}
+    if env.fla is None:
+        msg = (
+            "gated_delta_rule: CUDA tensors but flash-linear-attention (fla) is not installed; "
+            f"{GPU_EXTRA_HINT}, or pass backend='torch' to run the slow pure-torch path on purpose."
+        )
+        return {**report, "error": msg}
+    fla = _version(env.fla)
+    report["fla_native_gva"] = fla is not None and fla >= FLA_MIN_GVA
+    if not hopper_triton_hazard(env):
+        return {**report, "backend": "fla", "fla_backward": "triton"}
+    blockers = _tilelang_blockers(env)
+    if not blockers:
+        return {**report, "backend": "fla", "fla_backward": "tilelang"}
+    msg = (
+        f"gated_delta_rule: on this Hopper GPU (compute capability {env.capability}) Triton {env.triton} "
+        f"computes wrong gradients in fla's gated backward (Triton >= {TRITON_BAD_MIN} and < {TRITON_FIXED}, "
+        f"fla issue #640), and fla's TileLang replacement is unavailable: {'; '.join(blockers)}. "
+        f"Fix: `pip install 'tilelang>=0.1.15'` with flash-linear-attention >= {FLA_MIN_TILELANG} and a CUDA "
+        f"toolkit providing nvcc (or `pip install nvidia-cuda-nvcc`), or upgrade Triton: "
+        f"`pip install -U 'triton>={TRITON_FIXED}'` (torch >= 2.12.1 ships it)."
+    )
+    return {**report, "error": msg}
+
+
+def conv_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
+    """Decide the causal conv1d backend: ``backend`` ("torch" | "causal_conv1d" | "fla" | None), ``error``."""
+    _check_requested(requested, CONV_BACKENDS, "causal_conv1d")
+    report = {"op": "causal_conv1d", "requested": requested, **_versions(env), "backend": None, "error": None}
+    if requested == "torch":
+        return {**report, "backend": "torch"}
+    if env.device != "cuda":
+        if requested in AUTO and env.device == "cpu":
+            return {**report, "backend": "torch"}
+        return {**report, "error": f"causal_conv1d: backend={requested!r} needs CUDA tensors; use 'torch'"}
+    installed = {"causal_conv1d": env.causal_conv1d, "fla": env.fla}
+    if requested in AUTO:
+        for name in ("causal_conv1d", "fla"):
+            if installed[name] is not None:
+                return {**report, "backend": name}
+        msg = (
+            "causal_conv1d: CUDA tensors but neither causal-conv1d nor flash-linear-attention is installed; "
+            f"{GPU_EXTRA_HINT}, or pass backend='torch' on purpose."
+        )
+        return {**report, "error": msg}
+    if installed[requested] is None:
+        return {**report, "error": f"causal_conv1d: backend={requested!r} is not installed; {GPU_EXTRA_HINT}"}
+    return {**report, "backend": requested}
+
+
+def norm_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
+    """Decide the gated RMSNorm backend: ``backend`` ("torch" | "fla" | None), ``error``."""
+    _check_requested(requested, NORM_BACKENDS, "gated_rms_norm")
+    report = {
+        "op": "gated_rms_norm",
+        "requested": requested,
+        **_versions(env),
+        "backend": None,
+        "error": None,
+    }
+    if requested == "torch":
+        return {**report, "backend": "torch"}
+    if env.device != "cuda":
+        if requested in AUTO and env.device == "cpu":
+            return {**report, "backend": "torch"}
+        return {**report, "error": f"gated_rms_norm: backend={requested!r} needs CUDA tensors; use 'torch'"}
+    if env.fla is None:
+        msg = (
+            "gated_rms_norm: CUDA tensors but flash-linear-attention is not installed; "
+            f"{GPU_EXTRA_HINT}, or pass backend='torch' on purpose."
+        )
+        return {**report, "error": msg}
+    return {**report, "backend": "fla"}
+
+
+_LOGGED: set[tuple] = set()
+
+
+def resolve(report: dict) -> str:
+    """Raise the report's error, log the choice once per process, return the backend name."""
+    if report["error"] is not None:
+        raise RuntimeError(report["error"])
+    key = (report["op"], report["backend"], report.get("fla_backward"), report["device"])
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        details = ", ".join(
+            f"{k}={v}" for k, v in report.items() if k not in ("op", "error") and v is not None
+        )
+        log.info("%s backend: %s", report["op"], details)
+    return report["backend"]

@@ -1,0 +1,70 @@
+"""Norms vs transformers' Qwen3NextRMSNorm / Qwen3NextRMSNormGated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3_next_mcore.ops import gated_rms_norm, zero_centered_rms_norm
+
+hf = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+EPS = 1e-6
+
+
+def make(dtype, D=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3, 5, D, generator=gen) * 3).to(dtype)
+    gate = torch.randn(3, 5, D, generator=gen).to(dtype)
+    w = torch.randn(D, generator=gen) * 0.2
+    return x, gate, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_centered_matches_transformers(dtype):
+    x, _, w = make(dtype)
+    ref_mod = hf.Qwen3NextRMSNorm(x.shape[-1], eps=EPS)
+    with torch.no_grad():
+        ref_mod.weight.copy_(w)
+    ref = ref_mod(x)
+    out = zero_centered_rms_norm(x, w.to(dtype) if dtype == torch.float32 else w, EPS)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # same fp32 math, one rounding
+
+
+def test_gated_matches_transformers_fp32():
+    x, gate, w = make(torch.float32)
+    ref_mod = hf.Qwen3NextRMSNormGated(x.shape[-1], eps=EPS)
+    with torch.no_grad():
+        ref_mod.weight.copy_(1 + w)
+    torch.testing.assert_close(gated_rms_norm(x, gate, 1 + w, EPS), ref_mod(x, gate), rtol=1e-6, atol=1e-6)
+
+
+def test_gated_bf16_rounds_once(rel):
+    """transformers rounds the normalised x to bf16 before the weight; we stay in fp32 (as fla's kernel).
+    Both are within bf16 rounding of the fp64 value; ours is never further from it."""
+    x, gate, w = make(torch.bfloat16)
+    w = (1 + w).to(torch.bfloat16)
+    ref_mod = hf.Qwen3NextRMSNormGated(x.shape[-1], eps=EPS).to(torch.bfloat16)
+    with torch.no_grad():
+        ref_mod.weight.copy_(w)
+    hf_out = ref_mod(x, gate)
+    out = gated_rms_norm(x, gate, w, EPS)
+    exact = gated_rms_norm(x.double(), gate.double(), w.double(), EPS)
+    assert out.dtype == torch.bfloat16
+    assert rel(out, exact) < 2**-8 and rel(hf_out, exact) < 2**-7
+    assert rel(out, exact) <= rel(hf_out, exact)
+    assert rel(out, hf_out) < 1e-2
+
+
+def test_gradients_fp64():
+    x, gate, w = (t.double().requires_grad_() for t in make(torch.float64, D=8))
+    assert torch.autograd.gradcheck(lambda a, b: zero_centered_rms_norm(a, b, EPS), (x, w))
+    assert torch.autograd.gradcheck(lambda a, g, b: gated_rms_norm(a, g, b, EPS), (x, gate, w))
+
+
+def test_errors():
+    x, gate, w = make(torch.float32)
+    with pytest.raises(ValueError, match="weight be"):
+        gated_rms_norm(x, gate, w[:-1])
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        gated_rms_norm(x, gate, w, backend="fla")
