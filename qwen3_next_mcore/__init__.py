@@ -18,6 +18,10 @@ _EXPORTS = {
     "get_preset": "qwen3_next_mcore.config",
     "to_transformer_config": "qwen3_next_mcore.config",
     "parallel": "qwen3_next_mcore.parallel",
+    "build_model": "qwen3_next_mcore.model",
+    "load_hf_weights": "qwen3_next_mcore.model",
+    "full_logits": "qwen3_next_mcore.model",
+    "get_qwen3_next_stack_spec": "qwen3_next_mcore.specs",
 }
 
 

@@ -91,6 +91,7 @@ def to_transformer_config(
         sequence_parallel=parallel.sequence_parallel,
         # precision
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,

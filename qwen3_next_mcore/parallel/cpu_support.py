@@ -10,9 +10,19 @@ adjustment is a narrow replacement of one megatron-core function or object, list
    (dropout, initialisation in tensor-parallel regions) and activation recompute work.
 2. ``_get_cuda_rng_state``/``_set_cuda_rng_state`` in ``tensor_parallel.random`` (used by recompute):
    CPU generator state when there is no CUDA.
-3. ``torch.cuda.current_device()`` in rotary-embedding construction: the rotary module is built with
-   ``use_cpu_initialization`` (the config translation sets it on CPU), and its ``forward`` builds
-   ``inv_freq`` on the device of its buffer.
+3. ``RotaryEmbedding.get_emb`` moves ``inv_freq`` to ``torch.cuda.current_device()`` on first use;
+   on CPU it keeps it where it is (the rest of the function is unchanged).
+6. Some megatron-core modules allocate small bookkeeping tensors on ``device="cuda"`` or
+   ``torch.cuda.current_device()`` (pipeline schedules, p2p communication, the MTP loss tracker, the MoE
+   router's aux-loss tracker, tensor-parallel gather/scatter buffers) and call ``torch.cuda.synchronize()``; exactly those modules (listed in
+   ``_CUDA_BOOKKEEPING_MODULES``) see a ``torch`` whose ``zeros``/``empty`` map a CUDA device to the CPU and whose ``cuda``
+   answers ``current_device()`` with the CPU and makes ``synchronize()`` a no-op. Everything else is
+   torch itself.
+7. ``LanguageModule.setup_embeddings_and_output_layer`` moves the shared embedding to CUDA
+   (``tensor.cuda()``) before syncing it between the first and last pipeline stage; on CPU the sync
+   runs on the CPU tensor.
+5. ``Router.gating`` moves the router weight to ``torch.cuda.current_device()`` on first use; on CPU
+   the weight stays where it is (the gating product is unchanged).
 4. ``torch.compile`` around the output-gate fusion: dynamo is disabled for that function on CPU (the
    first call otherwise takes over 10 s and gives the same numbers).
 
@@ -92,16 +102,120 @@ def apply() -> None:
     mrandom._get_cuda_rng_state = _get_state
     mrandom._set_cuda_rng_state = _set_state
     _patch_output_gate_compile()
+    _patch_rotary()
+    _patch_router()
+    _patch_schedules()
+    _patch_language_module()
     _APPLIED = True
     log.info("megatron-core adjusted for CPU execution (see qwen3_next_mcore.parallel.cpu_support)")
 
 
 def _patch_output_gate_compile() -> None:
-    from megatron.core.transformer import attention as mattn
+    from megatron.core.transformer.attention import Attention
 
-    for name in dir(mattn):
-        fn = getattr(mattn, name)
-        # torch.compile-wrapped helpers expose the original as ``_torchdynamo_orig_callable``
-        orig = getattr(fn, "_torchdynamo_orig_callable", None)
-        if orig is not None:
-            setattr(mattn, name, orig)
+    fn = Attention.__dict__.get("_apply_output_gate")
+    # a torch.compile-wrapped function exposes the original as ``_torchdynamo_orig_callable``
+    orig = getattr(fn, "_torchdynamo_orig_callable", None)
+    if orig is not None:
+        Attention._apply_output_gate = orig
+
+
+def _patch_rotary() -> None:
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    original = RotaryEmbedding.get_emb
+
+    def get_emb(self, max_seq_len: int, offset: int = 0):
+        if self.inv_freq.device.type == "cpu" and not torch.cuda.is_available():
+            freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+            if not self.rotary_interleaved:
+                emb = torch.cat((freqs, freqs), dim=-1)
+            else:
+                emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
+            return emb[:, None, None, :]
+        return original(self, max_seq_len, offset)
+
+    RotaryEmbedding.get_emb = get_emb
+
+
+def _patch_router() -> None:
+    from megatron.core.transformer.moe import router as mrouter
+
+    def gating(self, input: torch.Tensor):
+        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
+        return mrouter.router_gating_linear(input, self.weight, self.bias, router_dtype)
+
+    mrouter.Router.gating = gating
+
+
+class _CpuCuda:
+    """``torch.cuda`` as megatron's schedules use it, answered for a CPU run."""
+
+    def current_device(self):
+        return torch.device("cpu")
+
+    def synchronize(self, *args, **kwargs):
+        return None
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CpuTorch:
+    """``torch`` for megatron's schedule modules on CPU: CUDA allocations land on the CPU."""
+
+    cuda = _CpuCuda()
+
+    @staticmethod
+    def _cpu(kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cuda":
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    def zeros(self, *args, **kwargs):
+        return torch.zeros(*args, **self._cpu(kwargs))
+
+    def empty(self, *args, **kwargs):
+        return torch.empty(*args, **self._cpu(kwargs))
+
+    def tensor(self, *args, **kwargs):
+        return torch.tensor(*args, **self._cpu(kwargs))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_CUDA_BOOKKEEPING_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.transformer.multi_token_prediction",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.utils",  # GlobalMemoryBuffer (the sequence-parallel all-gather buffer)
+)
+
+
+def _patch_schedules() -> None:
+    import importlib
+
+    for name in _CUDA_BOOKKEEPING_MODULES:
+        importlib.import_module(name).torch = _CpuTorch()
+
+
+def _patch_language_module() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t  # only for the duration of this call, on a CPU-only host
+        try:
+            return original(self)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -35,7 +36,9 @@ def _child(fn, rank, world_size, port, args, kwargs, queue):
     )
     try:
         result = fn(rank, *args, **kwargs)
-        queue.put((rank, True, result))
+        # plain pickle bytes: torch's queue reducer would share tensor storage through file descriptors
+        # that vanish when this process exits before the parent reads them
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -77,7 +80,10 @@ def run_distributed(
                 waiting = [r for r in range(world_size) if r not in results]
                 errors[waiting[0]] = f"no result within {timeout:.0f} s (hung or crashed); ranks {waiting} killed"
                 break
-            (results if ok else errors)[rank] = payload
+            if ok:
+                results[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
             if errors:
                 break
     finally:

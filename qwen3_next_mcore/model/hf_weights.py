@@ -1,0 +1,136 @@
+"""``load_hf_weights``: stream a HF Qwen3-Next checkpoint into this rank's share of the model.
+
+Tensors are read one at a time from safetensors (memory-mapped), joined by the mapping table
+(:mod:`qwen3_next_mcore.convert.mapping`), cut to this rank's tensor/expert-parallel block and copied
+into the parameter; nothing else of the checkpoint is held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from ..convert.hf_checkpoint import HFCheckpoint
+from ..convert.mapping import build_rules, expected_hf_shapes, to_ours
+from ..convert.transforms import tp_shard
+
+log = logging.getLogger(__name__)
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+
+
+def named_weight_tensors(model) -> dict[str, torch.Tensor]:
+    """This rank's weights by local name, with stacked expert weights (:class:`GroupedGemmExperts`)
+    shown as per-expert views under ``SequentialMLP``'s names, so every tensor has one mapping rule."""
+    from ..layers.grouped_experts import GroupedGemmExperts
+
+    out = {}
+    stacked = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, GroupedGemmExperts):
+            for sub, view in mod.expert_views():
+                out[f"{mod_name}.{sub}"] = view
+            stacked.update({f"{mod_name}.weight1", f"{mod_name}.weight2"})
+    for name, p in model.named_parameters():
+        if name not in stacked:
+            out[name] = p
+    return out
+
+
+def expert_view_grads(model) -> dict[str, torch.Tensor]:
+    """Gradients keyed like :func:`named_weight_tensors` (views of stacked expert gradients)."""
+    from ..layers.grouped_experts import GroupedGemmExperts
+
+    out = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, GroupedGemmExperts) and mod.weight1.grad is not None:
+            for name in (f"{mod_name}.weight1", f"{mod_name}.weight2"):
+                out.pop(name, None)
+            for e in range(mod.num_local_experts):
+                out[f"{mod_name}.local_experts.{e}.linear_fc1.weight"] = mod.weight1.grad[e]
+                out[f"{mod_name}.local_experts.{e}.linear_fc2.weight"] = mod.weight2.grad[e]
+    return out
+
+
+def global_param_names(model) -> dict[str, str]:
+    """This rank's weight names (:func:`named_weight_tensors`) -> global names (pipeline layer offset
+    and expert index applied)."""
+    from megatron.core import parallel_state as ps
+
+    cfg = model.qwen3_next_config
+    ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+    local_experts = cfg.num_experts // ep
+    names = {}
+    for name in named_weight_tensors(model):
+        g = name
+        m = _LAYER.match(g)
+        if m:
+            number = model.decoder.layers[int(m.group(1))].layer_number
+            g = f"decoder.layers.{number - 1}." + g[m.end():]
+        g = _EXPERT.sub(lambda mm: f".mlp.experts.local_experts.{ep_rank * local_experts + int(mm.group(1))}.", g)
+        names[name] = g
+    return names
+
+
+def param_shard_info(name: str, param) -> tuple[int | None, int, int, bool]:
+    """(partition dim or None, rank, size, glu) of this rank's block of weight ``name`` (a parameter or
+    a per-expert view from :func:`named_weight_tensors`)."""
+    from megatron.core import parallel_state as ps
+
+    if ".mlp.experts.local_experts." in name:
+        rank, size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+        if size == 1:
+            return None, 0, 1, False
+        fc1 = name.endswith("linear_fc1.weight")
+        return (0 if fc1 else 1), rank, size, fc1
+    if not getattr(param, "tensor_model_parallel", False):
+        return None, 0, 1, False
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    return param.partition_dim, rank, size, name.endswith("linear_fc1.weight")
+
+
+def load_hf_weights(model, hf_dir, *, strict: bool = True, allow_extra: bool = False) -> dict:
+    """Load a HF Qwen3-Next checkpoint folder into ``model`` (this rank's share), MTP included.
+
+    Accepts per-expert (on-disk) and fused (transformers 5.x) expert layouts. With ``strict``, every
+    parameter of the model must be filled and every expected HF tensor must have its expected shape;
+    unexpected HF tensors raise unless ``allow_extra``. Returns a report {tensors, bytes, skipped}.
+    """
+    cfg = model.qwen3_next_config
+    ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
+    expected = expected_hf_shapes(cfg)
+    present = ckpt.keys()
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise ValueError(f"{ckpt.directory}: {len(missing)} expected tensors are missing, e.g. {missing[:3]}")
+    extra = sorted(present - set(expected))
+    if extra and not allow_extra:
+        raise ValueError(f"{ckpt.directory}: {len(extra)} unknown tensors, e.g. {extra[:3]} "
+                         "(pass allow_extra=True to ignore them)")
+    for key, shape in expected.items():
+        if ckpt.shape(key) != shape:
+            raise ValueError(f"{ckpt.directory}: {key} has shape {list(ckpt.shape(key))}, the config implies "
+                             f"{list(shape)}")
+    rules = {r.ours: r for r in build_rules(cfg)}
+    params = named_weight_tensors(model)
+    n_tensors = n_bytes = 0
+    with torch.no_grad():
+        for local, glob in global_param_names(model).items():
+            if glob not in rules:
+                if strict:
+                    raise ValueError(f"parameter {local} ({glob}) has no HF source in the mapping table")
+                continue
+            rule = rules[glob]
+            full = to_ours(rule, [ckpt.get(k) for k in rule.hf], cfg)
+            p = params[local]
+            dim, rank, size, glu = param_shard_info(local, p)
+            block = full if dim is None else tp_shard(full, dim, rank, size, glu=glu)
+            if block.shape != p.shape:
+                raise ValueError(f"{local}: HF {rule.hf} give shape {list(block.shape)}, parameter is {list(p.shape)}")
+            p.copy_(block.to(device=p.device, dtype=p.dtype))
+            n_tensors += 1
+            n_bytes += block.numel() * block.element_size()
+    log.info("loaded %d tensors (%.1f MB) from %s", n_tensors, n_bytes / 1e6, ckpt.directory)
+    return {"tensors": n_tensors, "bytes": n_bytes, "skipped": extra}
