@@ -13,6 +13,7 @@ import sys
 
 # (name, module, one-line help); order is the order of ``--help``
 COMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "qwen3_next_mcore.commands.demo", "run the embedded end-to-end workflow on a tiny model (CPU ok)"),
     ("config", "qwen3_next_mcore.commands.config", "show presets, read/write HF config.json"),
     ("convert", "qwen3_next_mcore.commands.convert", "convert checkpoints HF <-> megatron-core"),
     ("preprocess", "qwen3_next_mcore.commands.preprocess", "build pretraining .bin/.idx and SFT idxmap data"),
