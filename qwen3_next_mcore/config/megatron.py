@@ -2,33 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .model import Qwen3NextConfig
 from .parallel import ParallelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 def to_transformer_config(
     config: Qwen3NextConfig,
     parallel: ParallelConfig | None = None,
     *,
-    params_dtype: torch.dtype = torch.float32,
+    params_dtype: "torch.dtype | None" = None,
     **overrides: Any,
 ):
     """Build megatron-core's ``TransformerConfig`` for ``config`` split as ``parallel``.
 
-    ``params_dtype`` sets ``bf16``/``fp16`` accordingly. ``overrides`` are passed through to
+    ``params_dtype`` (default float32) sets ``bf16``/``fp16`` accordingly. ``overrides`` are passed through to
     ``TransformerConfig`` last (training options such as recompute, dispatcher, fp8), after being
     checked to be real fields. ``num_layers`` counts megatron hybrid layers: each Qwen3-Next decoder
     layer is two (its mixer and its MoE block). Raises ValueError when the split does not fit.
     """
     import dataclasses
 
+    import torch
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
+    params_dtype = params_dtype or torch.float32
     parallel = parallel or ParallelConfig()
     parallel.check(config)
     on_gpu = torch.cuda.is_available()

@@ -18,6 +18,10 @@ adjustment is a narrow replacement of one megatron-core function or object, list
    ``_CUDA_BOOKKEEPING_MODULES``) see a ``torch`` whose ``zeros``/``empty`` map a CUDA device to the CPU and whose ``cuda``
    answers ``current_device()`` with the CPU and makes ``synchronize()`` a no-op. Everything else is
    torch itself.
+8. ``optimizer.clip_grad_by_total_norm_fp32`` asserts CUDA gradient types; on CPU the same scaling
+   (``grad *= min(1, max_norm / (total_norm + 1e-6))``) runs on fp32 CPU gradients. megatron-core's
+   distributed optimizer and its fp16/bf16 optimizers check ``param.type()`` against CUDA tensor names and
+   are refused on CPU by the training options instead.
 7. ``LanguageModule.setup_embeddings_and_output_layer`` moves the shared embedding to CUDA
    (``tensor.cuda()``) before syncing it between the first and last pipeline stage; on CPU the sync
    runs on the CPU tensor.
@@ -106,6 +110,7 @@ def apply() -> None:
     _patch_router()
     _patch_schedules()
     _patch_language_module()
+    _patch_grad_clipping()
     _APPLIED = True
     log.info("megatron-core adjusted for CPU execution (see qwen3_next_mcore.parallel.cpu_support)")
 
@@ -148,14 +153,30 @@ def _patch_router() -> None:
     mrouter.Router.gating = gating
 
 
+class _InertStream:
+    """A stream on which waiting is a no-op (a CPU run has no asynchronous device work)."""
+
+    def wait_event(self, *args, **kwargs):
+        return None
+
+    def wait_stream(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+
 class _CpuCuda:
-    """``torch.cuda`` as megatron's schedules use it, answered for a CPU run."""
+    """``torch.cuda`` as megatron's schedules, DDP and checkpoint writer use it, answered for a CPU run."""
 
     def current_device(self):
         return torch.device("cpu")
 
     def synchronize(self, *args, **kwargs):
         return None
+
+    def current_stream(self, *args, **kwargs):
+        return _InertStream()
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -195,6 +216,15 @@ _CUDA_BOOKKEEPING_MODULES = (
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.utils",  # GlobalMemoryBuffer (the sequence-parallel all-gather buffer)
+    # the training loop's modules: DDP grad/param buffers, optimizer found-inf/scale tensors, grad-norm
+    # tensors, and the torch_dist writer's synchronize() calls and flag tensors
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
 )
 
 
@@ -219,3 +249,24 @@ def _patch_language_module() -> None:
             torch.Tensor.cuda = cuda
 
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
+def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad: bool = False) -> None:
+    """Scale every fp32 gradient by ``max_norm / total_norm`` when that is below 1."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(coeff, torch.Tensor):
+        coeff = coeff.clamp_max(1.0)
+    elif coeff >= 1.0:
+        return
+    for p in parameters:
+        grad = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
+        if grad is not None:
+            if grad.dtype != torch.float32:
+                raise TypeError(f"gradient clipping expects fp32 gradients, got {grad.dtype}")
+            grad.mul_(coeff)
+
+
+def _patch_grad_clipping() -> None:
+    import importlib
+
+    importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = _clip_by_total_norm

@@ -8,8 +8,8 @@ micro-batches; megatron-core adds the MTP and MoE auxiliary losses through its l
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
-from typing import Iterable
 
 import torch
 

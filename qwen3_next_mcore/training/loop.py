@@ -1,0 +1,245 @@
+"""The reference training loop, built from megatron-core parts.
+
+``train(cfg)``: parallel state -> model (optional HF weights) -> megatron-core ``DistributedDataParallel``
+-> ``get_megatron_optimizer`` (Adam) + ``OptimizerParamScheduler`` -> data -> for each iteration: zero
+the gradient buffers, run the forward/backward schedule over ``global / (micro * dp)`` micro-batches,
+``finalize_model_grads`` (data-parallel and replicated-weight reductions), ``optimizer.step()`` (clips,
+returns the grad norm), ``scheduler.step()``; log; checkpoint. Returns one metrics dict per iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .arguments import TrainConfig
+from .batches import MicroBatches
+from .step import forward_backward
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+def _dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+
+
+def _check_runtime(cfg: TrainConfig, dp: int) -> int:
+    """Checks that need the world size; returns the global batch size."""
+    gbs = cfg.global_batch_size or cfg.micro_batch_size * dp
+    if gbs % (cfg.micro_batch_size * dp):
+        raise ValueError(f"--global-batch-size={gbs} must be a multiple of --micro-batch-size * data-parallel "
+                         f"size = {cfg.micro_batch_size} * {dp}")
+    if not torch.cuda.is_available() and (cfg.use_distributed_optimizer or cfg.bf16 or cfg.fp16):
+        raise ValueError("on CPU only fp32 with the plain optimizer runs: megatron-core's distributed and "
+                         "fp16/bf16 optimizers require CUDA tensors (drop --use-distributed-optimizer, "
+                         "--bf16, --fp16)")
+    return gbs
+
+
+def _transformer_overrides(cfg: TrainConfig, model_cfg) -> dict:
+    out: dict = {"mtp_loss_scaling_factor": cfg.mtp_loss_scaling_factor}
+    if cfg.moe_aux_loss_coeff is not None:
+        out["moe_aux_loss_coeff"] = cfg.moe_aux_loss_coeff
+        out["moe_router_load_balancing_type"] = "aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none"
+    if cfg.recompute_granularity is not None:
+        out["recompute_granularity"] = cfg.recompute_granularity
+        if cfg.recompute_granularity == "full":
+            out["recompute_method"] = cfg.recompute_method
+            out["recompute_num_layers"] = cfg.recompute_num_layers
+    return out
+
+
+def _build(cfg: TrainConfig):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from ..model import build_model, load_hf_weights
+
+    model_cfg = cfg.model()
+    backend = "te" if cfg.transformer_impl == "transformer_engine" else "local"
+    model = build_model(model_cfg, dtype=_dtype(cfg), backend=backend, sequence_parallel=cfg.sequence_parallel,
+                        experts=cfg.experts, **_transformer_overrides(cfg, model_cfg))
+    if cfg.hf_dir is not None and checkpoint.latest_iteration(cfg.load) is None:
+        load_hf_weights(model, cfg.hf_dir)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=cfg.use_distributed_optimizer)
+    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
+        bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=_dtype(cfg),
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        optimizer_cpu_offload=cfg.optimizer_cpu_offload,
+        optimizer_offload_fraction=cfg.optimizer_offload_fraction if cfg.optimizer_cpu_offload else 0.0,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=not torch.cuda.is_available())
+    # steps are counted in iterations (Megatron-LM counts samples; the schedule is the same)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.lr_warmup_iters,
+        lr_decay_steps=cfg.decay_iters, lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay, wd_incr_steps=cfg.train_iters, wd_incr_style="constant",
+    )
+    ddp.config.grad_scale_func = optimizer.scale_loss  # the schedule scales each micro-batch's loss (fp16)
+    return model_cfg, ddp, optimizer, scheduler
+
+
+def _datasets(cfg: TrainConfig, model_cfg, gbs: int):
+    """(train dataset, validation dataset or None, shuffle?, packed?)"""
+    from ..data import (
+        build_pretrain_datasets,
+        build_sft_dataset,
+        check_vocab,
+        default_tokenizer_dir,
+        load_tokenizer,
+    )
+
+    tok_dir = cfg.tokenizer or default_tokenizer_dir()
+    if cfg.sft:
+        template = None if cfg.tokenizer else "qwen3_next_instruct"  # the bundled tokenizer has Qwen3's template
+        tok = load_tokenizer(tok_dir, chat_template=template)
+        check_vocab(tok, model_cfg.vocab_size)
+        ds = build_sft_dataset(cfg.train_data, tok, cfg.seq_length, packing=cfg.sft_packing)
+        valid = None
+        if cfg.valid_data is not None and cfg.eval_iters:
+            valid = build_sft_dataset(cfg.valid_data, tok, cfg.seq_length, packing=cfg.sft_packing)
+        return ds, valid, True, cfg.sft_packing
+    tok = load_tokenizer(tok_dir)
+    check_vocab(tok, model_cfg.vocab_size)
+    split = build_pretrain_datasets(
+        list(cfg.data_path), tokenizer=tok, seq_length=cfg.seq_length, global_batch_size=gbs,
+        train_iters=cfg.train_iters, eval_iters=cfg.eval_iters, eval_interval=cfg.eval_interval,
+        split=cfg.split, seed=cfg.seed, is_built_on_rank=lambda: True,
+        valid_data_path=str(cfg.valid_data) if cfg.valid_data is not None else None)
+    valid = split.valid if cfg.eval_iters and split.valid is not None and len(split.valid) else None
+    if cfg.eval_iters and valid is None:
+        log.warning("--eval-iters %d: the split %r leaves no validation samples; not evaluating",
+                    cfg.eval_iters, cfg.split)
+    return split.train, valid, False, False
+
+
+def _global_loss(local: dict) -> float:
+    """The LM loss averaged over data-parallel replicas, known on every rank (the last pipeline stage
+    computes it; TP ranks hold copies, so only TP rank 0 contributes)."""
+    from megatron.core import parallel_state as ps
+
+    mine = "lm loss" in local and ps.get_tensor_model_parallel_rank() == 0
+    t = torch.tensor([local["lm loss"] if mine else 0.0, 1.0 if mine else 0.0], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t[0] / t[1])
+
+
+def _take_mtp_loss(num_micro: int) -> dict:
+    """This rank's MTP loss of the last schedule run ({'lm loss': mean over MTP layers and micro-batches},
+    {} when the model has none here), read from and then cleared in megatron-core's MTP tracker."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    values = MTPLossLoggingHelper.tracker.get("loss_values")
+    if values is None:
+        return {}
+    out = {"lm loss": float(values.sum()) / values.numel() / num_micro}
+    values.zero_()
+    return out
+
+
+def evaluate(cfg: TrainConfig, chunks, dataset, *, num_micro: int, dp_rank: int, dp: int, packed: bool) -> float:
+    """The LM loss over ``--eval-iters`` global batches of ``dataset``, always from its first sample (so
+    successive evaluations are comparable; Megatron-LM instead walks on through the validation set)."""
+    batches = MicroBatches(dataset, consumed=0, micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank,
+                           dp_size=dp, shuffle=False, seed=cfg.seed, packed=packed)
+    for c in chunks:
+        c.eval()
+    try:
+        with torch.no_grad():
+            losses = []
+            for _ in range(cfg.eval_iters):
+                losses.append(_global_loss(forward_backward(chunks, batches.take(num_micro), forward_only=True)))
+                _take_mtp_loss(num_micro)
+    finally:
+        for c in chunks:
+            c.train()
+    return sum(losses) / len(losses)
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run the training described by ``cfg``; returns the metrics of every iteration run."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    from .. import parallel
+
+    parallel.initialize(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+                        cfg.expert_model_parallel_size, cfg.expert_tensor_parallel_size,
+                        cfg.context_parallel_size, seed=cfg.seed)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    gbs = _check_runtime(cfg, dp)
+    num_micro = gbs // (cfg.micro_batch_size * dp)
+    model_cfg, ddp, optimizer, scheduler = _build(cfg)
+    chunks = [ddp]
+
+    iteration, consumed = 0, 0
+    if cfg.load is not None:
+        progress = checkpoint.load(cfg.load, chunks, optimizer, scheduler, load_optimizer=not cfg.no_load_optim)
+        if progress is not None:
+            iteration, consumed = progress["iteration"], progress["consumed_samples"]
+    dataset, valid, shuffle, packed = _datasets(cfg, model_cfg, gbs)
+    batches = MicroBatches(dataset, consumed=consumed, micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank,
+                           dp_size=dp, shuffle=shuffle, seed=cfg.seed, packed=packed)
+    is_logger = dist.get_rank() == dist.get_world_size() - 1  # a last-stage rank, as Megatron-LM logs
+    metrics: list[dict] = []
+    if cfg.log_json is not None and is_logger:
+        Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
+    with open(cfg.log_json, "a") if cfg.log_json is not None and is_logger else nullcontext() as json_file:
+        done = iteration >= cfg.train_iters
+        while not done:
+            start = time.perf_counter()
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            local = forward_backward(chunks, batches.take(num_micro))
+            finalize_model_grads(chunks)
+            ok, grad_norm, _ = optimizer.step()
+            loss = _global_loss(local)
+            mtp = _global_loss(_take_mtp_loss(num_micro)) if model_cfg.mtp_num_layers else None
+            iteration += 1
+            consumed += gbs
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step(increment=1)
+            elapsed = time.perf_counter() - start
+            m = {"iteration": iteration, "lm_loss": loss, "mtp_loss": mtp, "lr": lr,
+                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                 "consumed_samples": consumed, "tokens_per_s": gbs * cfg.seq_length / elapsed,
+                 "iteration_s": elapsed, "skipped": not ok}
+            done = cfg.stops_after(iteration)
+            if valid is not None and (iteration % cfg.eval_interval == 0 or done):
+                m["valid_lm_loss"] = evaluate(cfg, chunks, valid, num_micro=num_micro, dp_rank=dp_rank, dp=dp,
+                                              packed=packed)
+            metrics.append(m)
+            if is_logger and iteration % cfg.log_interval == 0:
+                log.info("iteration %6d/%d | lm loss %.6f | mtp loss %s | lr %.3e | grad norm %.4f | %.0f tokens/s "
+                         "| %.2f s", iteration, cfg.train_iters, loss, "-" if mtp is None else f"{mtp:.6f}", lr,
+                         m["grad_norm"] or 0.0, m["tokens_per_s"], elapsed)
+                if "valid_lm_loss" in m:
+                    log.info("validation after iteration %d | lm loss %.6f", iteration, m["valid_lm_loss"])
+                if json_file is not None:
+                    json_file.write(json.dumps(m) + "\n")
+                    json_file.flush()
+            if not math.isfinite(loss) or (m["grad_norm"] is not None and not math.isfinite(m["grad_norm"])):
+                raise TrainingDiverged(f"iteration {iteration}: lm loss {loss}, grad norm {m['grad_norm']}; "
+                                       "stopping (lower --lr, check the data, or use --bf16 instead of --fp16)")
+            if cfg.save is not None and ((cfg.save_interval and iteration % cfg.save_interval == 0) or done):
+                checkpoint.save(Path(cfg.save), iteration, chunks, optimizer, scheduler, consumed_samples=consumed)
+    return metrics
