@@ -22,6 +22,9 @@ _EXPORTS = {
     "load_hf_weights": "qwen3_next_mcore.model",
     "full_logits": "qwen3_next_mcore.model",
     "get_qwen3_next_stack_spec": "qwen3_next_mcore.specs",
+    "convert_hf_to_mcore": "qwen3_next_mcore.convert",
+    "convert_mcore_to_hf": "qwen3_next_mcore.convert",
+    "load_mcore_checkpoint": "qwen3_next_mcore.convert",
 }
 
 

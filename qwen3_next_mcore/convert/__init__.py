@@ -32,4 +32,4 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_EXPORTS))
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["ConversionReport", "convert_hf_to_mcore", "convert_mcore_to_hf", "load_mcore_checkpoint"]

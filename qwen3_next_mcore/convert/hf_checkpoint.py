@@ -11,11 +11,13 @@ layouts load the same. :func:`check_against_config` validates names, shapes and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -97,7 +99,7 @@ class HFCheckpoint:
         return self._entry(self._virtual[key][0] if key in self._virtual else key).dtype
 
     def nbytes(self, key: str) -> int:
-        return math.prod(self.shape(key)) * torch.empty((), dtype=self.dtype(key)).element_size()
+        return math.prod(self.shape(key)) * self.dtype(key).itemsize
 
     def file_of(self, key: str) -> str:
         return self._where[self._virtual[key][0] if key in self._virtual else key]
@@ -119,14 +121,22 @@ class HFCheckpoint:
         """The tensor ``key`` (a fresh CPU tensor; only this tensor is read)."""
         if key not in self._where and key not in self._virtual:
             raise KeyError(f"{self.directory}: no tensor {key!r}")
+        out = torch.empty(self.shape(key), dtype=self.dtype(key))
+        self.read_into(key, out)
+        return out
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read ``key`` into ``out``, a contiguous CPU tensor of its shape and dtype (e.g. a view of a
+        larger buffer: no intermediate copy)."""
+        if tuple(out.shape) != self.shape(key) or out.dtype != self.dtype(key) or not out.is_contiguous():
+            raise ValueError(f"{key}: cannot read {self.dtype(key)} {list(self.shape(key))} into a "
+                             f"{'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} {list(out.shape)}")
         real = self._virtual[key][0] if key in self._virtual else key
         file = self._where[real]
-        out = torch.empty(self.shape(key), dtype=self.dtype(key))
         try:
             pread_into(self._fd(file), out, self._entry(real).offset + self._virtual_offset(key))
         except (OSError, ValueError) as e:
             raise ValueError(f"{self.directory / file}: cannot read {key!r}: {e}") from None
-        return out
 
     def _fd(self, file: str) -> int:
         if file not in self._fds:
@@ -140,17 +150,15 @@ class HFCheckpoint:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "HFCheckpoint":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 # Weights a checkpoint may keep in float32 when the rest is in the config's dtype (spec 3.7: stacks keep

@@ -71,7 +71,7 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: bad header entry for {name!r}: {info}") from None
-        nbytes = math.prod(shape) * _itemsize(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes:
             raise ValueError(f"{path}: {name!r} spans {end - begin} bytes, its shape {list(shape)} and dtype "
                              f"{info['dtype']} need {nbytes}")
@@ -80,10 +80,6 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
     if base + end_max > size:
         raise ValueError(f"{path}: truncated: the header describes {base + end_max} bytes, the file has {size}")
     return out
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def pread_into(fd: int, out: torch.Tensor, offset: int) -> None:
@@ -119,7 +115,7 @@ class ShardWriter:
         begin = 0
         self._entries: dict[str, TensorEntry] = {}
         for name, dtype, shape in plan:
-            nbytes = math.prod(shape) * _itemsize(dtype)
+            nbytes = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
             self._entries[name] = TensorEntry(dtype, tuple(shape), begin, nbytes)
             begin += nbytes
@@ -140,6 +136,11 @@ class ShardWriter:
                              f"{entry.dtype} {list(entry.shape)}")
         pwrite_from(self._fd, tensor.detach().cpu().contiguous(), self._base + entry.offset)
         self._pending.discard(name)
+
+    @property
+    def complete(self) -> bool:
+        """Every planned tensor has been written."""
+        return not self._pending
 
     def close(self, sync: bool = True) -> None:
         if self._fd < 0:

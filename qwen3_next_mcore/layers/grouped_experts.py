@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
-from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import nn
 
+
+_EXTRA = "local_experts.{e}.{lin}._extra_state"
 
 # torch >= 2.10 exposes F.grouped_mm; 2.8/2.9 only the private op with the same contract
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -76,23 +76,45 @@ class GroupedGemmExperts(MegatronModule):
         return out
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        """The keys and layout ``SequentialMLP`` writes: one global [E, ...] tensor per projection."""
+        """``SequentialMLP``'s keys and global tensors ([E, 2F, H] for fc1 as [gate; up], [E, H, F] for
+        fc2), with this rank's stacked parameters as the chunks, so optimizer state maps by identity and
+        checkpoints interchange with ``SequentialMLP`` models at any layout."""
+        from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+        if sharded_offsets:
+            raise ValueError("GroupedGemmExperts does not support extra sharded offsets (virtual pipeline)")
         metadata = ensure_metadata_has_dp_cp_group(metadata)
-        num_global = self.ep_group.size() * self.num_local_experts
-        first = self.ep_group.rank() * self.num_local_experts
-        out = {}
+        ep_rank, ep = self.ep_group.rank(), self.ep_group.size()
+        etp_rank, etp = self.tp_group.rank(), self.tp_group.size()
+        replica_id = (0, 0, self.dp_group.rank())
+        fc1_key, fc2_key = f"{prefix}experts.linear_fc1.weight", f"{prefix}experts.linear_fc2.weight"
+
+        def build_fc1(key, t, replica, flattened_range):
+            w, v = torch.chunk(t, 2, dim=1)  # [gate; up] halves of this rank's rows
+            return [ShardedTensor.from_rank_offsets(key, w, (0, ep_rank, ep), (1, etp_rank, 2 * etp), replica_id=replica),
+                    ShardedTensor.from_rank_offsets(key, v, (0, ep_rank, ep), (1, etp + etp_rank, 2 * etp),
+                                                    replica_id=replica)]
+
+        def merge_fc1(parts):
+            return torch.cat(parts, dim=1)
+
+        out = {
+            f"{prefix}weight1": ShardedTensorFactory(fc1_key, self.weight1, build_fc1, merge_fc1, replica_id),
+            f"{prefix}weight2": ShardedTensor.from_rank_offsets(fc2_key, self.weight2, (0, ep_rank, ep),
+                                                                (2, etp_rank, etp), replica_id=replica_id),
+        }
+        # SequentialMLP's linears also write an (empty) extra state per expert; write the same objects so
+        # its models find them in our checkpoints
+        first, num_global = ep_rank * self.num_local_experts, ep * self.num_local_experts
         for e in range(self.num_local_experts):
-            local_prefix = f"{prefix}local_experts.{e}."
-            offsets = (*sharded_offsets, (len(sharded_offsets), first + e, num_global))
-            tensors = {"linear_fc1.weight": self.weight1[e], "linear_fc2.weight": self.weight2[e]}
-            sd = make_sharded_tensors_for_checkpoint(
-                tensors, local_prefix, {"linear_fc1.weight": 0, "linear_fc2.weight": 1}, offsets,
-                tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
-            key = f"{local_prefix}linear_fc1.weight"
-            sd[key] = apply_swiglu_sharded_factory(sd[key], offsets, tp_group=self.tp_group,
-                                                   dp_group=metadata["dp_cp_group"])
-            replace_prefix_for_sharding(sd, local_prefix, f"{prefix}experts.")
-            for sh in sd.values():
-                sh.replica_id = (*sh.replica_id[:2], self.dp_group.rank())
-            out.update(sd)
+            for lin in ("linear_fc1", "linear_fc2"):
+                out[f"{prefix}{_EXTRA.format(e=e, lin=lin)}"] = ShardedObject(
+                    f"{prefix}experts.{lin}._extra_state", None, (num_global,), (first + e,),
+                    (0, etp_rank, self.dp_group.rank()))
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the per-expert extra states above carry nothing for this module
+        for key in [k for k in state_dict if k.startswith(f"{prefix}local_experts.")]:
+            state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from ..convert.hf_checkpoint import HFCheckpoint
+from ..convert.hf_checkpoint import HFCheckpoint, check_against_config
 from ..convert.mapping import build_rules, expected_hf_shapes, to_ours
 from ..convert.transforms import tp_shard
 
@@ -100,19 +100,7 @@ def load_hf_weights(model, hf_dir, *, strict: bool = True, allow_extra: bool = F
     """
     cfg = model.qwen3_next_config
     ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
-    expected = expected_hf_shapes(cfg)
-    present = ckpt.keys()
-    missing = sorted(set(expected) - present)
-    if missing:
-        raise ValueError(f"{ckpt.directory}: {len(missing)} expected tensors are missing, e.g. {missing[:3]}")
-    extra = sorted(present - set(expected))
-    if extra and not allow_extra:
-        raise ValueError(f"{ckpt.directory}: {len(extra)} unknown tensors, e.g. {extra[:3]} "
-                         "(pass allow_extra=True to ignore them)")
-    for key, shape in expected.items():
-        if ckpt.shape(key) != shape:
-            raise ValueError(f"{ckpt.directory}: {key} has shape {list(ckpt.shape(key))}, the config implies "
-                             f"{list(shape)}")
+    extra = check_against_config(ckpt, expected_hf_shapes(cfg), allow_extra=allow_extra)
     rules = {r.ours: r for r in build_rules(cfg)}
     params = named_weight_tensors(model)
     n_tensors = n_bytes = 0

@@ -38,7 +38,7 @@ class TrainConfig(BaseModel):
     preset: str | None = None
     model_config_path: Path | None = None  # --model-config: a HF config.json (or its folder)
     hf_dir: Path | None = None  # initial weights (and the model config when no other is given)
-    experts: Literal["sequential", "grouped"] = "sequential"
+    experts: Literal["sequential", "grouped"] = "grouped"
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     # data
     tokenizer: Path | None = None
@@ -143,9 +143,6 @@ class TrainConfig(BaseModel):
             raise bad("optimizer_offload_fraction", "must be in [0, 1]")
         if self.optimizer_cpu_offload and not self.use_distributed_optimizer:
             raise ValueError("--optimizer-cpu-offload needs --use-distributed-optimizer (megatron-core's rule)")
-        if self.experts == "grouped" and (self.save is not None or self.load is not None):
-            raise bad("experts", "grouped experts cannot be checkpointed with the optimizer yet; "
-                      "use --experts sequential with --save/--load")
         return self
 
     # ----- derived -------------------------------------------------------------------------------
@@ -187,7 +184,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add(g, "model_config_path", flags="--model-config", metavar="FILE", help="a HF config.json (or its folder)")
     add(g, "hf_dir", metavar="DIR", help="initial weights from this HF checkpoint (its config.json is the "
         "model when neither --preset nor --model-config is given)")
-    add(g, "experts", choices=["sequential", "grouped"], help="routed-expert implementation (default sequential)")
+    add(g, "experts", choices=["sequential", "grouped"], help="routed-expert implementation (default grouped)")
     add(g, "transformer_impl", choices=["local", "transformer_engine"], help="layer backend (default local)")
     g = p.add_argument_group("data")
     add(g, "tokenizer", metavar="DIR", help="HF tokenizer folder (default: the bundled Qwen3 tokenizer)")

@@ -57,7 +57,6 @@ def test_frozen_and_no_extra_fields():
     (["--optimizer-cpu-offload"], "needs --use-distributed-optimizer"),
     (["--optimizer-offload-fraction", "1.5"], r"--optimizer-offload-fraction=1.5"),
     (["--lr-warmup-iters", "20", "--train-iters", "10"], r"--lr-warmup-iters=20"),
-    (["--experts", "grouped", "--save", "out"], r"--experts='grouped'"),
     (["--sft-packing"], "need --sft"),
     (["--no-load-optim"], "--no-load-optim needs --load"),
 ])
