@@ -6,8 +6,8 @@ on first use of a name that needs it.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qwen3_next_mcore._lazy import lazy_exports
+
 
 __version__ = "0.1.0"
 
@@ -28,16 +28,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qwen3_next_mcore' has no attribute {name!r}")
-    mod = importlib.import_module(module)
-    return mod if module.endswith("." + name) else getattr(mod, name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = sorted(_EXPORTS)

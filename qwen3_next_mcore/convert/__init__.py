@@ -10,8 +10,8 @@ Public API (imported lazily, so ``import qwen3_next_mcore.convert`` stays cheap)
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qwen3_next_mcore._lazy import lazy_exports
+
 
 _EXPORTS = {
     "convert_hf_to_mcore": "qwen3_next_mcore.convert.hf_to_mcore",
@@ -21,15 +21,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qwen3_next_mcore.convert' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = ["ConversionReport", "convert_hf_to_mcore", "convert_mcore_to_hf", "load_mcore_checkpoint"]

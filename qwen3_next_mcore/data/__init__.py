@@ -6,8 +6,8 @@ megatron-core. See docs/data.md for the commands, formats and packing semantics.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qwen3_next_mcore._lazy import lazy_exports
+
 
 # public name -> module (relative to this package) that defines it
 _EXPORTS = {
@@ -39,15 +39,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qwen3_next_mcore.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = sorted(_EXPORTS)

@@ -6,8 +6,8 @@ Names are imported lazily, so ``qwen3_next_mcore.training.arguments`` (the CLI's
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qwen3_next_mcore._lazy import lazy_exports
+
 
 _EXPORTS = {
     "TrainConfig": "arguments",
@@ -20,15 +20,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qwen3_next_mcore.training' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = ["TrainConfig", "TrainingDiverged", "forward_backward", "lm_loss_func", "make_config", "parse_args",
