@@ -8,8 +8,8 @@ Steps (each a function, so a notebook can run them one by one):
    :func:`qwen3_next_mcore.data.preprocess_pretrain`.
 3. :func:`check_parity` loads the checkpoint into our megatron-core model and compares its logits with
    transformers' on the same tokens.
-4. :func:`pretrain` runs forward/backward steps through megatron-core's schedule on
-   ``GPTDataset`` batches with Adam, printing the loss.
+4. :func:`pretrain` runs the reference training loop (:func:`qwen3_next_mcore.training.loop.train`) from
+   the checkpoint on ``GPTDataset`` batches, logging the loss.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import logging
 import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -91,29 +90,16 @@ def check_parity(model, hf_dir: Path, tokens: torch.Tensor) -> float:
     return ((ours - ref).norm() / ref.norm()).item()
 
 
-def pretrain(model, data_prefix: str, tokenizer_dir: Path, steps: int, seq_length: int = 64,
-             batch_size: int = 8, lr: float = 3e-3) -> list[float]:
-    """``steps`` optimizer steps on GPTDataset batches; returns the losses."""
-    from .data import build_pretrain_datasets, load_tokenizer
-    from .training import forward_backward
+def pretrain(hf_dir: Path, data_prefix: str, steps: int, seq_length: int = 64, batch_size: int = 8,
+             lr: float = 3e-3) -> list[float]:
+    """``steps`` iterations of the reference training loop from the HF checkpoint; returns the losses."""
+    from .training.arguments import make_config
+    from .training.loop import train
 
-    tok = load_tokenizer(tokenizer_dir)
-    ds = build_pretrain_datasets(data_prefix, tokenizer=tok, seq_length=seq_length, global_batch_size=batch_size,
-                                 train_iters=steps, split="100,0,0").train
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    losses = []
-    for step in range(steps):
-        items = [ds[step * batch_size + i] for i in range(batch_size)]
-        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in
-                 ("tokens", "labels", "loss_mask", "position_ids")}
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        loss = forward_backward(model, [batch])["lm loss"]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss)
-        print(f"step {step + 1:3d}/{steps}  lm loss {loss:.4f}  ({time.perf_counter() - t0:.2f} s)", flush=True)
-    return losses
+    cfg = make_config(hf_dir=hf_dir, tokenizer=hf_dir, data_path=(data_prefix,), split="100,0,0",
+                      micro_batch_size=batch_size, global_batch_size=batch_size, seq_length=seq_length,
+                      train_iters=steps, lr=lr, min_lr=lr)
+    return [m["lm_loss"] for m in train(cfg)]
 
 
 def run(workdir: str | Path = "runs/demo", steps: int = 30) -> dict:
@@ -134,7 +120,7 @@ def run(workdir: str | Path = "runs/demo", steps: int = 30) -> dict:
     err = check_parity(model, hf_dir, tokens)
     print(f"[3/4] loaded {report['tensors']} tensors; logits vs transformers: relative error {err:.2e}")
     print(f"[4/4] pretraining {steps} steps")
-    losses = pretrain(model, prefix, hf_dir, steps)
+    losses = pretrain(hf_dir, prefix, steps)
     parallel.destroy()
     summary = {"parity_rel_error": err, "first_loss": losses[0], "last_loss": losses[-1]}
     print(f"done: loss {losses[0]:.3f} -> {losses[-1]:.3f}; parity {err:.1e}")
