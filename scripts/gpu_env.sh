@@ -1,10 +1,21 @@
-# Source on the offline GPU test machine (from the project root) after carrying .gpu-wheels/{base,tile}:
-#   install wheels into /tmp/site (once per machine) and put the project and them on PYTHONPATH.
-# See ../shared/tools/gpu-wheels.sh (it fetches the wheels on a machine with network).
+# Source on the offline GPU test machine (from the project root) after carrying either
+#   .gpu-wheels/site.tar.xz   (the wheels below, installed and packed with xz: fits one 64 MiB carry), or
+#   .gpu-wheels/{base,tile}   (the wheels themselves; ../shared/tools/gpu-wheels.sh fetches them).
+# Installs into /tmp/site (once per machine) and puts the project and them on PYTHONPATH.
 if ! PYTHONPATH=/tmp/site python3 -c "import tilelang, fla, megatron.core, pydantic" >/dev/null 2>&1; then
-  for d in .gpu-wheels/base .gpu-wheels/tile; do
-    [ -d "$d" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$d"/*.whl
-  done
+  if [ -f .gpu-wheels/site.tar.xz ]; then
+    tar -xJf .gpu-wheels/site.tar.xz -C /tmp
+  else
+    for d in .gpu-wheels/base .gpu-wheels/tile; do
+      [ -d "$d" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$d"/*.whl
+    done
+  fi
 fi
 export PYTHONPATH=$PWD:/tmp/site LD_LIBRARY_PATH=/tmp/site/z3/lib:${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# Kernel caches (Triton compiles + fla's autotune results, TileLang builds) live under .gpu-cache/ so a
+# later call can carry them back instead of re-tuning (each new fla shape costs ~2 min otherwise).
+# `gpu_cache_pack DIR` writes DIR/gpu-cache.tar.xz; unpack it here into .gpu-cache/ and carry that.
+mkdir -p "$PWD/.gpu-cache/triton" "$PWD/.gpu-cache/tilelang"
+export TRITON_CACHE_DIR=$PWD/.gpu-cache/triton TILELANG_CACHE_DIR=$PWD/.gpu-cache/tilelang
+gpu_cache_pack() { tar -C "$PWD" -cf - .gpu-cache | xz -T0 -6 > "$1/gpu-cache.tar.xz"; ls -la "$1/gpu-cache.tar.xz"; }

@@ -94,6 +94,7 @@ class TrainConfig(BaseModel):
     # logging
     log_interval: PositiveInt = 1
     log_json: Path | None = None
+    tensorboard_dir: Path | None = None  # TensorBoard scalars, written by the logging rank
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -227,6 +228,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add(g, "moe_aux_loss_coeff", type=float)
     add(g, "log_interval", type=int)
     add(g, "log_json", metavar="FILE", help="append one JSON line of metrics per iteration")
+    add(g, "tensorboard_dir", metavar="DIR", help="write the metrics as TensorBoard scalars into DIR")
     return p
 
 

@@ -5,6 +5,9 @@
 the gradient buffers, run the forward/backward schedule over ``global / (micro * dp)`` micro-batches,
 ``finalize_model_grads`` (data-parallel and replicated-weight reductions), ``optimizer.step()`` (clips,
 returns the grad norm), ``scheduler.step()``; log; checkpoint. Returns one metrics dict per iteration.
+
+Metrics (docs/training.md lists them) are collected by the small ``_take_*``/``_memory_gb`` helpers and
+written by the last rank: the log line, ``--log-json`` and ``--tensorboard-dir`` (``SummaryWriter``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -22,6 +25,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .arguments import TrainConfig
 from .batches import MicroBatches
+from .flops import training_flops
 from .step import forward_backward
 
 log = logging.getLogger(__name__)
@@ -156,9 +160,85 @@ def _take_mtp_loss(num_micro: int) -> dict:
     return out
 
 
+def _take_moe_aux_loss(tc, num_micro: int) -> float:
+    """The load-balancing loss of the last schedule run as megatron-core's routers record it (``E * sum_e
+    f_e P_e`` before the coefficient; 1.0 for uniform routing): mean over the MoE layers (MTP included)
+    and micro-batches, reduced over pipeline stages and averaged over data-parallel replicas, the same on
+    every rank. Collective: every rank calls it. Clears megatron-core's MoE metrics tracker."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    totals: dict = {}
+    # megatron hybrid layers alternate mixer and MoE block: the MoE pattern sums to the decoder layers
+    moe_pattern = [0, 1] * (tc.num_layers // 2)
+    get_moe_metrics_tracker().report(loss_scale=1 / num_micro, iteration=0, track_names=["load_balancing_loss"],
+                                     force_initialize=True, num_layers=tc.num_layers,
+                                     moe_layer_freq=moe_pattern, mtp_num_layers=tc.mtp_num_layers,
+                                     total_loss_dict=totals)
+    return float(totals["load_balancing_loss"])
+
+
+def _memory_gb() -> tuple[float, float]:
+    """(allocated, peak) in GB (1e9 bytes): the CUDA caching allocator's ``memory_allocated`` and
+    ``max_memory_allocated`` (peak since the run started) on GPU; on CPU the process's resident set size
+    and its peak over the process's life (``psutil``, ``resource``)."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 1e9, torch.cuda.max_memory_allocated() / 1e9
+    import resource
+    import sys
+
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return rss / 1e9, max(rss, peak) / 1e9  # the kernel updates the high-water mark lazily
+
+
+# metrics written to TensorBoard (tag = metric key) when present and not None
+_SCALARS = ("lm_loss", "mtp_loss", "moe_aux_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu",
+            "mem_allocated_gb", "mem_peak_gb", "valid_lm_loss")
+
+
+def _log_line(cfg: TrainConfig, m: dict) -> None:
+    def opt(key: str, fmt: str) -> str:
+        return "-" if m.get(key) is None else format(m[key], fmt)
+
+    log.info("iteration %6d/%d | lm loss %.6f | mtp loss %s | aux loss %s | lr %.3e | grad norm %.4f | "
+             "%.0f tokens/s | %.4g TFLOP/s/GPU | mem %.2f GB (peak %.2f) | %.2f s", m["iteration"],
+             cfg.train_iters, m["lm_loss"], opt("mtp_loss", ".6f"), opt("moe_aux_loss", ".4f"), m["lr"],
+             m["grad_norm"] or 0.0, m["tokens_per_s"], m["tflops_per_gpu"], m["mem_allocated_gb"],
+             m["mem_peak_gb"], m["iteration_s"])
+
+
+def _open_outputs(cfg: TrainConfig, stack: ExitStack):
+    """(JSON-lines file or None, TensorBoard SummaryWriter or None), closed by ``stack``."""
+    json_file = writer = None
+    if cfg.log_json is not None:
+        Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
+        json_file = stack.enter_context(open(cfg.log_json, "a"))  # noqa: SIM115 (closed by the stack)
+    if cfg.tensorboard_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(cfg.tensorboard_dir))
+        stack.callback(writer.close)
+    return json_file, writer
+
+
+def _write(m: dict, json_file, writer) -> None:
+    if json_file is not None:
+        json_file.write(json.dumps(m) + "\n")
+        json_file.flush()
+    if writer is not None:
+        for key in _SCALARS:
+            if m.get(key) is not None:
+                writer.add_scalar(key, m[key], m["iteration"])
+        writer.flush()
+
+
 def evaluate(cfg: TrainConfig, chunks, dataset, *, num_micro: int, dp_rank: int, dp: int, packed: bool) -> float:
     """The LM loss over ``--eval-iters`` global batches of ``dataset``, always from its first sample (so
     successive evaluations are comparable; Megatron-LM instead walks on through the validation set)."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
     batches = MicroBatches(dataset, consumed=0, micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank,
                            dp_size=dp, shuffle=False, seed=cfg.seed, packed=packed)
     for c in chunks:
@@ -169,6 +249,7 @@ def evaluate(cfg: TrainConfig, chunks, dataset, *, num_micro: int, dp_rank: int,
             for _ in range(cfg.eval_iters):
                 losses.append(_global_loss(forward_backward(chunks, batches.take(num_micro), forward_only=True)))
                 _take_mtp_loss(num_micro)
+                get_moe_metrics_tracker().clear()  # routers record nothing in eval mode; keep it that way
     finally:
         for c in chunks:
             c.train()
@@ -179,6 +260,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     """Run the training described by ``cfg``; returns the metrics of every iteration run."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     from .. import parallel
 
@@ -190,6 +272,11 @@ def train(cfg: TrainConfig) -> list[dict]:
     num_micro = gbs // (cfg.micro_batch_size * dp)
     model_cfg, ddp, optimizer, scheduler = _build(cfg)
     chunks = [ddp]
+    destroy_moe_metrics_tracker()  # a fresh tracker: no entries bound to an earlier run's process groups
+    aux_coeff = model_cfg.router_aux_loss_coef if cfg.moe_aux_loss_coeff is None else cfg.moe_aux_loss_coeff
+    step_flops = training_flops(model_cfg, cfg.seq_length, gbs, recompute=cfg.recompute_granularity)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
     iteration, consumed = 0, 0
     if cfg.load is not None:
@@ -201,9 +288,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                            dp_size=dp, shuffle=shuffle, seed=cfg.seed, packed=packed)
     is_logger = dist.get_rank() == dist.get_world_size() - 1  # a last-stage rank, as Megatron-LM logs
     metrics: list[dict] = []
-    if cfg.log_json is not None and is_logger:
-        Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
-    with open(cfg.log_json, "a") if cfg.log_json is not None and is_logger else nullcontext() as json_file:
+    with ExitStack() as outputs:
+        json_file, writer = _open_outputs(cfg, outputs) if is_logger else (None, None)
         done = iteration >= cfg.train_iters
         while not done:
             start = time.perf_counter()
@@ -214,29 +300,28 @@ def train(cfg: TrainConfig) -> list[dict]:
             ok, grad_norm, _ = optimizer.step()
             loss = _global_loss(local)
             mtp = _global_loss(_take_mtp_loss(num_micro)) if model_cfg.mtp_num_layers else None
+            aux = _take_moe_aux_loss(ddp.module.config, num_micro) if aux_coeff > 0 else None
             iteration += 1
             consumed += gbs
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step(increment=1)
             elapsed = time.perf_counter() - start
-            m = {"iteration": iteration, "lm_loss": loss, "mtp_loss": mtp, "lr": lr,
+            mem, peak = _memory_gb()
+            m = {"iteration": iteration, "lm_loss": loss, "mtp_loss": mtp, "moe_aux_loss": aux, "lr": lr,
                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
                  "consumed_samples": consumed, "tokens_per_s": gbs * cfg.seq_length / elapsed,
-                 "iteration_s": elapsed, "skipped": not ok}
+                 "tflops_per_gpu": step_flops / elapsed / dist.get_world_size() / 1e12,
+                 "mem_allocated_gb": mem, "mem_peak_gb": peak, "iteration_s": elapsed, "skipped": not ok}
             done = cfg.stops_after(iteration)
             if valid is not None and (iteration % cfg.eval_interval == 0 or done):
                 m["valid_lm_loss"] = evaluate(cfg, chunks, valid, num_micro=num_micro, dp_rank=dp_rank, dp=dp,
                                               packed=packed)
             metrics.append(m)
             if is_logger and iteration % cfg.log_interval == 0:
-                log.info("iteration %6d/%d | lm loss %.6f | mtp loss %s | lr %.3e | grad norm %.4f | %.0f tokens/s "
-                         "| %.2f s", iteration, cfg.train_iters, loss, "-" if mtp is None else f"{mtp:.6f}", lr,
-                         m["grad_norm"] or 0.0, m["tokens_per_s"], elapsed)
+                _log_line(cfg, m)
                 if "valid_lm_loss" in m:
                     log.info("validation after iteration %d | lm loss %.6f", iteration, m["valid_lm_loss"])
-                if json_file is not None:
-                    json_file.write(json.dumps(m) + "\n")
-                    json_file.flush()
+                _write(m, json_file, writer)
             if not math.isfinite(loss) or (m["grad_norm"] is not None and not math.isfinite(m["grad_norm"])):
                 raise TrainingDiverged(f"iteration {iteration}: lm loss {loss}, grad norm {m['grad_norm']}; "
                                        "stopping (lower --lr, check the data, or use --bf16 instead of --fp16)")
