@@ -138,6 +138,16 @@ class HFCheckpoint:
         except (OSError, ValueError) as e:
             raise ValueError(f"{self.directory / file}: cannot read {key!r}: {e}") from None
 
+    def byte_range(self, key: str) -> tuple[int, int, int, str]:
+        """``(fd, offset, nbytes, label)``: where ``key``'s bytes are, in an open file of this checkpoint
+        (valid until :meth:`close`), to be copied without reading them into memory."""
+        if key not in self._where and key not in self._virtual:
+            raise KeyError(f"{self.directory}: no tensor {key!r}")
+        real = self._virtual[key][0] if key in self._virtual else key
+        file = self._where[real]
+        return (self._fd(file), self._entry(real).offset + self._virtual_offset(key), self.nbytes(key),
+                f"{self.directory / file}: {key!r}")
+
     def _fd(self, file: str) -> int:
         if file not in self._fds:
             fd = os.open(self.directory / file, os.O_RDONLY)

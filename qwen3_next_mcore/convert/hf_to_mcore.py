@@ -15,6 +15,7 @@ all ranks share) and rank 0 writes the metadata.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,8 @@ from ..config import ParallelConfig, Qwen3NextConfig
 from . import dcp_io
 from .hf_checkpoint import HFCheckpoint, check_against_config, config_dtype
 from .mapping import (
+    GLU,
+    IDENTITY,
     Rule,
     build_rules,
     expected_hf_shapes,
@@ -175,20 +178,21 @@ def _write_share(tmp: Path, group: _Group, buckets, items, object_data, rule_of,
     results: list = []
     total = sum(c.nbytes for b in mine for c in buckets[b])
     with progress_bar(total, "hf-to-mcore", progress if group.rank == 0 else False) as bar:
-        def produce(chunk: dcp_io.Chunk) -> torch.Tensor:
-            t = _produce(chunk, rule_of[chunk.index], ckpt, config, cast)
-            bar.update(chunk.nbytes)
-            return t
+        def produce(chunk: dcp_io.Chunk) -> torch.Tensor | dcp_io.FileSpans:
+            return _produce(chunk, rule_of[chunk.index], ckpt, config, cast)
+
+        def memory(chunk: dcp_io.Chunk) -> int:  # what produce's result holds (copied ranges: nothing)
+            return 0 if _unchanged_parts(chunk, rule_of[chunk.index], ckpt, config) else chunk.nbytes
 
         # one prefetcher over all of this rank's buckets, so reading never waits for a bucket to close;
         # with sync, each finished data file is flushed to disk in the background meanwhile
-        source = dcp_io.ChunkSource(produce, object_data, prefetch_bytes=bucket_bytes)
+        source = dcp_io.ChunkSource(produce, object_data, prefetch_bytes=bucket_bytes, memory=memory)
         source.start([c for b in mine for c in buckets[b]])
         flushes = []
         with ThreadPoolExecutor(1, thread_name_prefix="convert-fsync") as flusher:
             try:
                 for b in mine:
-                    written = writer.write(b, source)
+                    written = writer.write(b, source, bar.update)
                     results += written
                     if sync:
                         files = {release / r.storage_data.relative_path for r in written}
@@ -229,20 +233,45 @@ def _plan(config: Qwen3NextConfig, ckpt: HFCheckpoint, cast: torch.dtype | None)
     return chunks, rule_of
 
 
+def _unchanged_parts(chunk: dcp_io.Chunk, rule: Rule, ckpt: HFCheckpoint, config: Qwen3NextConfig) -> list[str]:
+    """The HF tensors of ``rule`` in the order their bytes follow each other in ``chunk`` when the chunk
+    is their bytes unchanged, one after the other (identity, ``[gate; up]``; same dtype); else []."""
+    if not all(ckpt.dtype(n) == chunk.dtype for n in rule.hf):
+        return []
+    expert = mcore_key(rule.ours)[1] is not None  # a routed expert: one row of [E, ...]
+    if rule.kind in _CONFIG_FREE:
+        order = _tiling_order_cached(rule.kind, chunk.sizes, chunk.dtype, expert)
+    else:
+        order = _tiling_order(rule.kind, chunk.sizes, chunk.dtype, expert, config)
+    return [] if order is None else [rule.hf[i] for i in order]
+
+
+def _tiling_order(kind: str, sizes: tuple[int, ...], dtype: torch.dtype, expert: bool,
+                  config: Qwen3NextConfig | None) -> tuple[int, ...] | None:
+    """When the inverse transform ``kind`` of a chunk-shaped tensor gives contiguous views that tile it
+    (so the chunk is the HF tensors' bytes one after the other), the HF tensors' order in it; else None.
+    The tensor is uninitialised memory, never touched."""
+    out = torch.empty(sizes, dtype=dtype)
+    body = out[0] if expert else out
+    parts = to_hf(Rule("", (), kind), body, config)  # type: ignore[arg-type]
+    if not _tiles(parts, body):
+        return None
+    return tuple(i for _, i in sorted((p.data_ptr(), i) for i, p in enumerate(parts)))
+
+
+_CONFIG_FREE = (IDENTITY, GLU)  # inverse transforms that do not depend on the config
+_tiling_order_cached = functools.lru_cache(maxsize=4096)(
+    lambda kind, sizes, dtype, expert: _tiling_order(kind, sizes, dtype, expert, None))
+
+
 def _produce(chunk: dcp_io.Chunk, rule: Rule, ckpt: HFCheckpoint, config: Qwen3NextConfig,
-             cast: torch.dtype | None) -> torch.Tensor:
-    """The data of ``chunk``: the HF tensors of ``rule`` joined by the mapping table."""
+             cast: torch.dtype | None) -> torch.Tensor | dcp_io.FileSpans:
+    """The data of ``chunk``: the HF tensors of ``rule`` joined by the mapping table, or, when that join
+    leaves their bytes unchanged, where those bytes are (copied file to file by the writer)."""
     expert = mcore_key(rule.ours)[1] is not None  # a routed expert: one row of [num_experts, ...]
-    if all(ckpt.dtype(n) == chunk.dtype for n in rule.hf):
-        # when the inverse transform gives views that tile the result (identity, [gate; up]), read the HF
-        # tensors straight into their place: no joining copy
-        out = torch.empty(chunk.sizes, dtype=chunk.dtype)
-        body = out[0] if expert else out
-        parts = to_hf(rule, body, config)
-        if _tiles(parts, body):
-            for name, part in zip(rule.hf, parts, strict=True):
-                ckpt.read_into(name, part)
-            return out
+    unchanged = _unchanged_parts(chunk, rule, ckpt, config)
+    if unchanged:
+        return dcp_io.FileSpans(tuple(ckpt.byte_range(n) for n in unchanged))
     full = to_ours(rule, [ckpt.get(n) for n in rule.hf], config)
     if cast is not None:
         full = full.to(cast)

@@ -10,6 +10,7 @@ mapped 160 GB checkpoint would otherwise count as resident while the mapping liv
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -160,3 +161,39 @@ class ShardWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+_COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
+_COPY_BUFFER = 16 << 20
+
+
+def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> None:
+    """Copy ``nbytes`` at ``src_offset`` of file ``src`` to ``dst_offset`` of file ``dst``.
+
+    ``os.copy_file_range`` moves the bytes inside the kernel (page cache to page cache, or a server-side
+    copy on network filesystems): they never pass through this process's memory. Where the kernel or
+    filesystem cannot (``EXDEV``, ``ENOSYS``, ``EOPNOTSUPP``, ``EINVAL``), the rest is copied with
+    positional reads and writes through one 16 MiB buffer. Raises ValueError when ``src`` ends early.
+    """
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src, dst, min(nbytes - done, _IO_CHUNK), src_offset + done, dst_offset + done)
+                if n <= 0:
+                    raise ValueError(f"unexpected end of file at byte {src_offset + done} (truncated?)")
+                done += n
+            return
+        except OSError as e:
+            if e.errno not in _COPY_FALLBACK_ERRNOS:
+                raise
+    buf = memoryview(bytearray(min(_COPY_BUFFER, nbytes - done)))
+    while done < nbytes:
+        want = min(len(buf), nbytes - done)
+        n = os.preadv(src, [buf[:want]], src_offset + done)
+        if n <= 0:
+            raise ValueError(f"unexpected end of file at byte {src_offset + done} (truncated?)")
+        w = 0
+        while w < n:
+            w += os.pwrite(dst, buf[w:n], dst_offset + done + w)
+        done += n
