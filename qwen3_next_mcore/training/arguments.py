@@ -69,6 +69,7 @@ class TrainConfig(BaseModel):
     save: Path | None = None
     load: Path | None = None
     no_load_optim: bool = False  # --load restores the model (and progress) but not the optimizer/scheduler
+    finetune: bool = False  # --load restores the model weights only and starts at iteration 0 (Megatron-LM)
     save_interval: PositiveInt | None = None
     eval_interval: PositiveInt | None = None
     eval_iters: NonNegativeInt = 0
@@ -88,6 +89,8 @@ class TrainConfig(BaseModel):
     recompute_granularity: Literal["full", "selective"] | None = None
     recompute_method: Literal["uniform", "block"] | None = None
     recompute_num_layers: PositiveInt | None = None
+    cpu_offloading: bool = False  # offload the saved activations of the first layers to host memory
+    cpu_offloading_num_layers: PositiveInt = 1
     # losses
     mtp_loss_scaling_factor: NonNegativeFloat = 0.1
     moe_aux_loss_coeff: NonNegativeFloat | None = None  # default: the model's router_aux_loss_coef
@@ -126,6 +129,8 @@ class TrainConfig(BaseModel):
                 raise ValueError("--train-data/--sft-packing need --sft")
         if self.no_load_optim and self.load is None:
             raise ValueError("--no-load-optim needs --load DIR")
+        if self.finetune and self.load is None:
+            raise ValueError("--finetune needs --load DIR")
         if self.save_interval is not None and self.save is None:
             raise bad("save_interval", "needs --save DIR")
         if self.eval_iters and self.eval_interval is None:
@@ -140,6 +145,9 @@ class TrainConfig(BaseModel):
         if (self.recompute_method is None) != (self.recompute_num_layers is None) and \
                 self.recompute_granularity == "full":
             raise ValueError("--recompute-granularity full needs both --recompute-method and --recompute-num-layers")
+        if self.cpu_offloading and self.recompute_granularity is not None:
+            raise ValueError("--cpu-offloading and --recompute-granularity are mutually exclusive (Megatron-LM's "
+                             "rule: recomputed layers save nothing to offload)")
         if self.optimizer_offload_fraction > 1:
             raise bad("optimizer_offload_fraction", "must be in [0, 1]")
         if self.optimizer_cpu_offload and not self.use_distributed_optimizer:
@@ -208,6 +216,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add(g, "load", metavar="DIR")
     add(g, "no_load_optim", **_bool(True), help="with --load: restore the weights and progress only (fresh "
         "optimizer and LR schedule)")
+    add(g, "finetune", **_bool(True), help="with --load: restore the weights only and start at iteration 0 "
+        "(fresh optimizer, schedule and data position), e.g. SFT from a pretraining checkpoint")
     for field in ("save_interval", "eval_interval", "eval_iters"):
         add(g, field, type=int)
     g = p.add_argument_group("parallelism")
@@ -224,6 +234,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add(g, "recompute_granularity", choices=["full", "selective"])
     add(g, "recompute_method", choices=["uniform", "block"])
     add(g, "recompute_num_layers", type=int)
+    add(g, "cpu_offloading", **_bool(True), help="offload the activations saved for backward of the first "
+        "--cpu-offloading-num-layers decoder layers (GDN, attention, MoE) to host memory")
+    add(g, "cpu_offloading_num_layers", type=int, help="decoder layers whose activations are offloaded (default 1)")
     add(g, "mtp_loss_scaling_factor", type=float)
     add(g, "moe_aux_loss_coeff", type=float)
     add(g, "log_interval", type=int)

@@ -34,14 +34,20 @@ def iteration_dir(root: Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
+RELEASE = "release"  # the tracker text of a converted checkpoint (Megatron-LM's name)
+
+
 def latest_iteration(root: Path | None) -> int | None:
-    """The iteration named by ``root``'s tracker file, None when there is none."""
+    """The iteration named by ``root``'s tracker file, None when there is none; 0 for a converted
+    (``release``) checkpoint."""
     if root is None:
         return None
     tracker = Path(root) / TRACKER
     if not tracker.is_file():
         return None
     text = tracker.read_text().strip()
+    if text == RELEASE:
+        return 0
     try:
         return int(text)
     except ValueError:
@@ -168,11 +174,16 @@ def save(root: Path, iteration: int, model_chunks, optimizer, scheduler, *, cons
     return final
 
 
-def load(root: Path, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True) -> dict | None:
+def load(root: Path, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True,
+         finetune: bool = False) -> dict | None:
     """Restore the latest checkpoint under ``root`` into the model, optimizer and scheduler
     (``load_optimizer=False``: the model only; the optimizer and scheduler keep their fresh state).
 
-    Model and optimizer state reload at another TP/PP/EP layout (see the module docstring).
+    Model and optimizer state reload at another TP/PP/EP layout (see the module docstring). A converted
+    checkpoint (tracker ``release``, from ``convert hf-to-mcore``) and ``finetune=True`` (Megatron-LM's
+    ``--finetune``) load the model weights only and start at iteration 0 with fresh optimizer, scheduler
+    and data position. Whenever the optimizer state is not loaded, its main (fp32) copies of the weights
+    are refreshed from the loaded model (``reload_model_params``), as Megatron-LM does.
 
     Returns its ``progress`` dict (``iteration``, ``consumed_samples``, ...), or None when ``root`` has no
     tracker file (a fresh start, as Megatron-LM does)."""
@@ -182,6 +193,16 @@ def load(root: Path, model_chunks, optimizer, scheduler, *, load_optimizer: bool
     if iteration is None:
         log.warning("--load %s: no %s there; starting from scratch", root, TRACKER)
         return None
+    if (Path(root) / TRACKER).read_text().strip() == RELEASE:
+        from ..convert import load_mcore_checkpoint
+
+        for chunk in model_chunks:
+            load_mcore_checkpoint(getattr(chunk, "module", chunk), root)
+        optimizer.reload_model_params()
+        log.info("loaded the converted checkpoint %s (weights only; starting at iteration 0)", root)
+        return {"iteration": 0, "consumed_samples": 0}
+    if finetune:
+        load_optimizer = False
     path = iteration_dir(root, iteration)
     if not path.is_dir():
         raise ValueError(f"--load {root}: {TRACKER} names iteration {iteration} but {path} is missing")
@@ -204,6 +225,11 @@ def load(root: Path, model_chunks, optimizer, scheduler, *, load_optimizer: bool
             opt_state = _restructure(skeleton, opt_state, step)
         optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(common["scheduler"])
+    else:
+        optimizer.reload_model_params()
+    if finetune:
+        log.info("loaded the weights of %s (iteration %d) for fine-tuning: starting at iteration 0", path, iteration)
+        return {"iteration": 0, "consumed_samples": 0}
     if same_world:
         _set_rng_state(loaded["rng_state"])
     log.info("resumed from %s (iteration %d)", path, iteration)

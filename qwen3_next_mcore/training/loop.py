@@ -65,18 +65,27 @@ def _transformer_overrides(cfg: TrainConfig, model_cfg) -> dict:
     return out
 
 
-def _build(cfg: TrainConfig):
+def _build(cfg: TrainConfig, hf_weights=None, model_config=None):
+    """(model config, DDP-wrapped model, optimizer, scheduler). The architecture is ``model_config``
+    if given, else ``cfg.model()``; initial weights: ``hf_weights`` (a HF state dict or folder, see
+    ``load_hf_weights``) if given, else ``--hf-dir`` unless resuming."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from ..model import build_model, load_hf_weights
 
-    model_cfg = cfg.model()
+    model_cfg = model_config or cfg.model()
     backend = "te" if cfg.transformer_impl == "transformer_engine" else "local"
     model = build_model(model_cfg, dtype=_dtype(cfg), backend=backend, sequence_parallel=cfg.sequence_parallel,
                         experts=cfg.experts, **_transformer_overrides(cfg, model_cfg))
-    if cfg.hf_dir is not None and checkpoint.latest_iteration(cfg.load) is None:
+    if cfg.cpu_offloading:
+        from ..layers.activation_offload import enable_activation_offload
+
+        enable_activation_offload(model, min(cfg.cpu_offloading_num_layers, len(model.decoder.layers) // 2))
+    if hf_weights is not None:
+        load_hf_weights(model, hf_weights)
+    elif cfg.hf_dir is not None and checkpoint.latest_iteration(cfg.load) is None:
         load_hf_weights(model, cfg.hf_dir)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=cfg.use_distributed_optimizer)
@@ -280,7 +289,8 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     iteration, consumed = 0, 0
     if cfg.load is not None:
-        progress = checkpoint.load(cfg.load, chunks, optimizer, scheduler, load_optimizer=not cfg.no_load_optim)
+        progress = checkpoint.load(cfg.load, chunks, optimizer, scheduler, load_optimizer=not cfg.no_load_optim,
+                                   finetune=cfg.finetune)
         if progress is not None:
             iteration, consumed = progress["iteration"], progress["consumed_samples"]
     dataset, valid, shuffle, packed = _datasets(cfg, model_cfg, gbs)

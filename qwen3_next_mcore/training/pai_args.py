@@ -117,7 +117,7 @@ def pai_to_train_args(positional: Sequence[str], env: Mapping[str, str] | None =
         out += ["--recompute-granularity", "full", "--recompute-method", "uniform",
                 "--recompute-num-layers", str(_int("MP_AC_LAYERS", layers) or 1)]
     elif ac == "offload":
-        raise ValueError("AC='offload': activation offloading is not supported; use sel or full")
+        out += ["--cpu-offloading", "--cpu-offloading-num-layers", str(_int("MP_AC_LAYERS", layers) or 1)]
     elif ac != "none":
         raise ValueError(f"AC={ac!r}: expected sel, full, offload or none")
 

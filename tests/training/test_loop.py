@@ -125,3 +125,30 @@ def test_full_recompute_gives_the_same_losses(small_assets):
 def test_cpu_refuses_half_precision_and_distributed_optimizer(small_assets):
     with pytest.raises(ValueError, match="on CPU only fp32"):
         train(make_config(**pretrain_fields(small_assets, bf16=True)))
+
+
+def test_load_takes_a_converted_checkpoint_and_finetune_restarts(small_assets, tmp_path):
+    """--load of a `convert hf-to-mcore` output (tracker 'release') starts at iteration 0 from its weights:
+    the losses equal a run that loads the same HF weights with --hf-dir. --finetune from a training
+    checkpoint restarts at iteration 0 with its weights (fresh optimizer and data position)."""
+    from qwen3_next_mcore.config import Qwen3NextConfig
+    from qwen3_next_mcore.convert import convert_hf_to_mcore
+    from qwen3_next_mcore.testing.tiny_hf import make_hf_checkpoint
+
+    cfg = Qwen3NextConfig.from_hf(small_assets["model_config"])
+    hf = tmp_path / "hf"
+    make_hf_checkpoint(cfg, hf, seed=3)
+    convert_hf_to_mcore(hf, tmp_path / "mcore")
+    fields = pretrain_fields(small_assets, train_iters=3, lr_warmup_iters=0)
+    from_hf = [m["lm_loss"] for m in train(make_config(**fields, hf_dir=hf))]
+    parallel.destroy()
+    save = tmp_path / "pretrain"
+    loaded = train(make_config(**fields, load=tmp_path / "mcore", save=save))
+    assert [m["iteration"] for m in loaded] == [1, 2, 3]
+    assert [m["lm_loss"] for m in loaded] == pytest.approx(from_hf, rel=0, abs=1e-6)
+    parallel.destroy()
+    tuned = train(make_config(**pretrain_fields(small_assets, train_iters=2, lr_warmup_iters=0), load=save,
+                              finetune=True))
+    assert [m["iteration"] for m in tuned] == [1, 2] and tuned[0]["consumed_samples"] == 4
+    # the fine-tuned run starts from the trained weights: its first loss is below the converted model's
+    assert tuned[0]["lm_loss"] < loaded[0]["lm_loss"] - 0.05
