@@ -15,7 +15,14 @@ export PYTHONPATH=$PWD:/tmp/site LD_LIBRARY_PATH=/tmp/site/z3/lib:${LD_LIBRARY_P
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Kernel caches (Triton compiles + fla's autotune results, TileLang builds) live under .gpu-cache/ so a
 # later call can carry them back instead of re-tuning (each new fla shape costs ~2 min otherwise).
-# `gpu_cache_pack DIR` writes DIR/gpu-cache.tar.xz; unpack it here into .gpu-cache/ and carry that.
+# `gpu_cache_pack DIR` writes DIR/kcache.tar.xz (IR files dropped: cubins, launchers and autotune
+# results are what a cache hit needs); put it at .gpu-data/kcache.tar.xz here and carry .gpu-data.
+# Triton's cache groups hold absolute paths: the checkout must sit at the same path on both machines.
+if [ -f .gpu-data/kcache.tar.xz ] && [ ! -d .gpu-cache/triton ]; then tar -xJf .gpu-data/kcache.tar.xz -C "$PWD"; fi
 mkdir -p "$PWD/.gpu-cache/triton" "$PWD/.gpu-cache/tilelang"
 export TRITON_CACHE_DIR=$PWD/.gpu-cache/triton TILELANG_CACHE_DIR=$PWD/.gpu-cache/tilelang
-gpu_cache_pack() { tar -C "$PWD" -cf - .gpu-cache | xz -T0 -6 > "$1/gpu-cache.tar.xz"; ls -la "$1/gpu-cache.tar.xz"; }
+gpu_cache_pack() {
+  find "$PWD/.gpu-cache/triton" -type f \( -name '*.llir' -o -name '*.ptx' -o -name '*.ttir' -o -name '*.ttgir' \
+    -o -name '*.source' \) -delete
+  tar -C "$PWD" -cf - .gpu-cache | xz -T0 -6 > "$1/kcache.tar.xz"; ls -la "$1/kcache.tar.xz"
+}

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
-from ..convert.hf_checkpoint import HFCheckpoint, check_against_config
+from ..convert.hf_checkpoint import _FUSED, HFCheckpoint, check_against_config
 from ..convert.mapping import build_rules, expected_hf_shapes, to_ours
 from ..convert.transforms import tp_shard
 
@@ -91,15 +93,67 @@ def param_shard_info(name: str, param) -> tuple[int | None, int, int, bool]:
     return param.partition_dim, rank, size, name.endswith("linear_fc1.weight")
 
 
-def load_hf_weights(model, hf_dir, *, strict: bool = True, allow_extra: bool = False) -> dict:
-    """Load a HF Qwen3-Next checkpoint folder into ``model`` (this rank's share), MTP included.
+class StateDictCheckpoint:
+    """The :class:`HFCheckpoint` interface over an in-memory HF state dict (e.g. a transformers model's
+    ``state_dict()``), so :func:`load_hf_weights` takes either. Fused expert tensors
+    (``...mlp.experts.gate_up_proj`` ``[E, 2F, H]``, ``down_proj`` ``[E, H, F]``) are listed under their
+    per-expert names, as on disk."""
 
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], name: str = "<state dict>"):
+        self.directory = Path(name)
+        self._sd = dict(state_dict)
+        self._virtual: dict[str, tuple[str, int, slice | None]] = {}
+        for key, t in self._sd.items():
+            m = _FUSED.match(key)
+            if not m:
+                continue
+            if t.dim() != 3:
+                raise ValueError(f"{name}: fused expert tensor {key!r} has shape {list(t.shape)}, expected "
+                                 "[experts, rows, cols]")
+            half = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                p = f"{m['prefix']}.{e}"
+                if m["which"] == "gate_up_proj":
+                    self._virtual[f"{p}.gate_proj.weight"] = (key, e, slice(0, half))
+                    self._virtual[f"{p}.up_proj.weight"] = (key, e, slice(half, None))
+                else:
+                    self._virtual[f"{p}.down_proj.weight"] = (key, e, None)
+
+    def keys(self) -> set[str]:
+        fused = {v[0] for v in self._virtual.values()}
+        return (set(self._sd) - fused) | set(self._virtual)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._virtual:
+            real, e, rows = self._virtual[key]
+            t = self._sd[real][e]
+            return t if rows is None else t[rows]
+        return self._sd[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.get(key).shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.get(key).dtype
+
+    def file_of(self, key: str) -> str:
+        return key
+
+
+def load_hf_weights(model, hf_dir, *, strict: bool = True, allow_extra: bool = False) -> dict:
+    """Load a HF Qwen3-Next checkpoint into ``model`` (this rank's share), MTP included.
+
+    ``hf_dir``: a checkpoint folder (streamed from safetensors), an open :class:`HFCheckpoint`, or an
+    in-memory HF state dict (``{name: tensor}``, e.g. ``hf_model.state_dict()``).
     Accepts per-expert (on-disk) and fused (transformers 5.x) expert layouts. With ``strict``, every
     parameter of the model must be filled and every expected HF tensor must have its expected shape;
     unexpected HF tensors raise unless ``allow_extra``. Returns a report {tensors, bytes, skipped}.
     """
     cfg = model.qwen3_next_config
-    ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
+    if isinstance(hf_dir, Mapping):
+        ckpt = StateDictCheckpoint(hf_dir)
+    else:
+        ckpt = hf_dir if isinstance(hf_dir, (HFCheckpoint, StateDictCheckpoint)) else HFCheckpoint(hf_dir)
     extra = check_against_config(ckpt, expected_hf_shapes(cfg), allow_extra=allow_extra)
     rules = {r.ours: r for r in build_rules(cfg)}
     params = named_weight_tensors(model)

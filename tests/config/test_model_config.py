@@ -154,7 +154,7 @@ def test_presets():
     tiny = get_preset("tiny")
     assert set(tiny.layer_types) == {"linear_attention", "full_attention"} and tiny.mtp_num_layers == 1
     proxy = get_preset("proxy")
-    assert proxy.num_hidden_layers == 4 and proxy.num_experts == 128 and proxy.num_experts_per_tok == 10
+    assert proxy.num_hidden_layers == 4 and proxy.num_experts == 64 and proxy.num_experts_per_tok == 10
     assert proxy.layer_types.count("linear_attention") == 3 and proxy.hidden_size == 2048
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         get_preset("nope")

@@ -1,0 +1,243 @@
+"""Run benchmark cases: check every candidate against the reference, refuse to time a wrong one, time
+forward and forward+backward, and write ``NAME.json`` plus a markdown table.
+
+``run(names, ...)`` is the API; ``qwen3-next-mcore bench`` and ``python -m benchmarks.run`` call it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .cases import LAYER_CASES, Case, Shape, _Models
+from .timing import matmul_tflops, measure, peak_memory_gb, rel_error, reset_peak_memory
+from .train_step import run_train_step
+
+log = logging.getLogger(__name__)
+CASES = (*LAYER_CASES, "train-step")
+
+
+def environment(device: torch.device) -> dict:
+    """Card and versions, for the report."""
+    import importlib.metadata as md
+
+    def v(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    env = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "host": platform.node(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("triton", "flash-linear-attention", "tilelang", "megatron-core", "transformers", "causal-conv1d",
+                 "transformer-engine"):
+        env[name] = v(name)
+    return env
+
+
+def check(case: Case, seed: int = 0) -> tuple[dict, dict]:
+    """Run the reference and every candidate once (forward + backward with the same output gradient).
+    Returns ({candidate: {what: relative error}}, {candidate: reason refused})."""
+    ref = case.reference
+    ref.zero_grad()
+    out_ref = ref.forward()
+    gen = torch.Generator(device=out_ref.device).manual_seed(seed)
+    grad = torch.randn(out_ref.shape, generator=gen, device=out_ref.device, dtype=torch.float32)
+    out_ref.backward(grad.to(out_ref.dtype))
+    want = {"output": out_ref.detach(), "d_input": ref.input_grad().detach()}
+    want.update({f"d_{k}": p.grad.detach() for k, p in ref.params.items()})
+    del out_ref
+    errors, refused = {}, {}
+    for cand in case.candidates:
+        cand.zero_grad()
+        out = cand.forward()
+        out.backward(grad.to(out.dtype))
+        got = {"output": out.detach(), "d_input": cand.input_grad()}
+        got.update({f"d_{k}": None if p.grad is None else p.grad.detach() for k, p in cand.params.items()})
+        errs = {}
+        for k, w in want.items():
+            errs[k] = float("inf") if got.get(k) is None else rel_error(got[k], w)
+        errors[cand.name] = errs
+        bad = {k: e for k, e in errs.items() if not e <= case.tolerance}
+        if bad:
+            refused[cand.name] = "wrong: " + ", ".join(f"{k} rel error {e:.2e}" for k, e in bad.items()) + \
+                f" > {case.tolerance:g}"
+        cand.zero_grad()
+        del out, got
+    ref.zero_grad()
+    return errors, refused
+
+
+def time_candidate(cand, *, warmup: int, reps: int, device: torch.device) -> dict:
+    out = cand.forward()
+    grad = torch.randn_like(out)
+    del out
+    fwd = measure(cand.forward, warmup=warmup, reps=reps, device=device)
+
+    def step():
+        cand.zero_grad()
+        cand.forward().backward(grad)
+
+    reset_peak_memory(device)
+    both = measure(step, warmup=warmup, reps=reps, device=device)
+    cand.zero_grad()
+    return {"fwd_ms": fwd.median_ms, "fwd_bwd_ms": both.median_ms, "fwd_min_ms": fwd.min_ms,
+            "fwd_bwd_min_ms": both.min_ms, "reps": reps, "peak_gb": peak_memory_gb(device)}
+
+
+def run_layer_case(case: Case, *, warmup: int, reps: int, device: torch.device, matmul: float) -> dict:
+    errors, refused = check(case)
+    floor = case.floor(matmul) if case.floor is not None else None
+    rows = []
+    for cand in case.candidates:
+        row = {"candidate": cand.name, "errors": errors[cand.name]}
+        if cand.name in refused:
+            row["refused"] = refused[cand.name]
+            rows.append(row)
+            continue
+        t = time_candidate(cand, warmup=warmup, reps=reps, device=device)
+        row.update(t)
+        row["fwd_tflops"] = case.flops_fwd / (t["fwd_ms"] * 1e-3) / 1e12
+        row["fwd_bwd_tflops"] = 3 * case.flops_fwd / (t["fwd_bwd_ms"] * 1e-3) / 1e12
+        if case.bytes_fwd:
+            row["fwd_gbps"] = case.bytes_fwd / (t["fwd_ms"] * 1e-3) / 1e9
+        if floor is not None:
+            row["fwd_vs_floor"] = t["fwd_ms"] / floor[0]
+            row["fwd_bwd_vs_floor"] = t["fwd_bwd_ms"] / floor[1]
+        rows.append(row)
+    timed = {r["candidate"]: r for r in rows if "fwd_ms" in r}
+    for r in timed.values():
+        r["fwd_bwd_speedup"] = {other: o["fwd_bwd_ms"] / r["fwd_bwd_ms"] for other, o in timed.items()
+                                if other != r["candidate"]}
+    return {"rows": rows, "unavailable": case.unavailable, "tolerance": case.tolerance,
+            "flops_fwd": case.flops_fwd, "bytes_fwd": case.bytes_fwd,
+            "floor_ms": None if floor is None else {"fwd": floor[0], "fwd_bwd": floor[1]}, "info": case.info}
+
+
+def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: str = "full", warmup: int = 5,
+        reps: int = 20, batch: int | None = None, seq: int | None = None, device: str | None = None) -> dict:
+    """Run the cases ``names`` (see :data:`CASES`) and write ``out_dir/bench_<size>.json`` and ``.md``.
+
+    ``size``: ``full`` (80B widths, B=4 x T=4096 bf16 for the layers; train-step B=2 x T=4096 on the
+    proxy preset) or ``small`` (toy widths in fp32: a CPU run of the runner itself)."""
+    from .. import parallel
+
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; expected some of {', '.join(CASES)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if size == "full":
+        shape = Shape.full(batch or 4, seq or 4096)
+    elif size == "small":
+        shape = Shape.small(batch or 2, seq or 64)
+    else:
+        raise ValueError(f"size={size!r}: expected 'full' or 'small'")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references are fp32
+    parallel.initialize(seed=1234)
+    env = environment(dev)
+    matmul = matmul_tflops(dev, shape.dtype, 8192 if dev.type == "cuda" else 256)
+    log.info("matmul rate (%s, %s): %.1f TFLOP/s", env["device"], shape.dtype, matmul)
+    report = {"environment": env, "shape": shape.describe(), "matmul_tflops": matmul, "warmup": warmup,
+              "reps": reps, "cases": {}}
+    models = None
+    for name in names:
+        log.info("benchmark %s", name)
+        try:
+            if name == "train-step":
+                models = None  # free the layer cases' model: each candidate runs in its own process
+                gc.collect()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                small = size == "small"
+                report["cases"][name] = run_train_step(
+                    "tiny" if small else "proxy", {"vocab_size": 1024} if small else {}, batch=batch or 2,
+                    seq=shape.seq, dtype=shape.dtype, device=dev, warmup=max(warmup // 2, 2),
+                    reps=max(reps // 2, 3))
+                continue
+            if models is None and name != "gdn-kernel":
+                from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+                destroy_moe_metrics_tracker()
+                models = _Models(shape, dev)
+            case = LAYER_CASES[name](shape, dev, models)
+            report["cases"][name] = run_layer_case(case, warmup=warmup, reps=reps, device=dev, matmul=matmul)
+            del case
+        except Exception as e:
+            log.exception("benchmark %s failed", name)
+            report["cases"][name] = {"error": f"{type(e).__name__}: {e}"}
+        gc.collect()
+    parallel.destroy()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_{size}"
+    _atomic_write(out / f"{stem}.json", json.dumps(report, indent=1, default=str))
+    _atomic_write(out / f"{stem}.md", markdown(report))
+    return report
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _f(x, fmt=".2f"):
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown tables (one per case)."""
+    env = report["environment"]
+    lines = [f"# Benchmarks ({env['device']}, {env['date']})", "",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("date", "host", "device") and v),
+             "", "shape: " + ", ".join(f"{k} {v}" for k, v in report["shape"].items()), "",
+             f"dense matmul rate measured in this run: {report['matmul_tflops']:.0f} TFLOP/s; "
+             f"median of {report['reps']} timed repeats after {report['warmup']} warm-up", ""]
+    for name, res in report["cases"].items():
+        lines += [f"## {name}", ""]
+        if "error" in res:
+            lines += [f"failed: {res['error']}", ""]
+            continue
+        if name == "train-step":
+            c = res["config"]
+            lines += [f"{c['preset']}: {c['layers']} layers, {c['experts']} experts top-{c['top_k']}, batch "
+                      f"{c['batch']} x {c['seq']}, {c['dtype']}; {res['flops_per_step'] / 1e12:.1f} TFLOP per step "
+                      "(model FLOPs, training_flops)", "",
+                      "| candidate | step ms | tokens/s | TFLOP/s/GPU (MFU count) | peak GB | speedup vs transformers "
+                      "| first loss |", "|---|---|---|---|---|---|---|"]
+            for r in res["rows"]:
+                lines.append(f"| {r['candidate']} | {_f(r['median_ms'], '.1f')} | {_f(r['tokens_per_s'], ',.0f')} | "
+                             f"{_f(r['tflops_per_gpu'], '.0f')} | {_f(r['peak_gb'], '.1f')} | "
+                             f"{_f(r.get('speedup_vs_transformers'))} | {r['loss_step0']:.4f} |")
+        else:
+            fl = res["floor_ms"]
+            lines += [f"forward {res['flops_fwd'] / 1e9:.1f} GFLOP (model count); floor "
+                      + (f"fwd {fl['fwd']:.2f} ms, fwd+bwd {fl['fwd_bwd']:.2f} ms ({res['info'].get('floor')})"
+                         if fl else f"- ({res['info'].get('floor', 'none')})")
+                      + f"; correctness tolerance {res['tolerance']:g} (relative, vs the fp32 reference)", "",
+                      "| candidate | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | fwd GB/s | fwd+bwd / floor | "
+                      "max rel error | fwd+bwd speedup vs others |", "|---|---|---|---|---|---|---|---|"]
+            for r in res["rows"]:
+                err = max(r["errors"].values())
+                if "refused" in r:
+                    lines.append(f"| {r['candidate']} | not timed: {r['refused']} | | | | | {err:.1e} | |")
+                    continue
+                sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["fwd_bwd_speedup"].items())
+                lines.append(f"| {r['candidate']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+                             f"{r['fwd_bwd_tflops']:.0f} | {_f(r.get('fwd_gbps'), '.0f')} | "
+                             f"{_f(r.get('fwd_bwd_vs_floor'))} | {err:.1e} | {sp} |")
+        for k, v in res.get("unavailable", {}).items():
+            lines.append(f"\n- unavailable here: {k}: {v}")
+        for k, v in res.get("refused", {}).items():
+            lines.append(f"\n- not timed: {k}: {v}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""Timing and correctness primitives of the benchmarks.
+
+Method (issue #7): correctness before timing, medians of many timed repeats after warm-up, the matmul
+rate measured in the same run. On CUDA each repeat is timed with CUDA events around the call (the
+queue is drained first); on CPU with ``time.perf_counter``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds of ``reps`` timed repeats."""
+
+    median_ms: float
+    min_ms: float
+    reps: int
+
+    def as_dict(self) -> dict:
+        return {"median_ms": self.median_ms, "min_ms": self.min_ms, "reps": self.reps}
+
+
+def measure(fn: Callable[[], object], *, warmup: int, reps: int, device: torch.device) -> Timing:
+    """Run ``fn`` ``warmup`` times, then time ``reps`` calls one by one; median and min in ms."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), min(times), reps)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, *, warmup: int = 3, reps: int = 10) -> float:
+    """The dense matmul rate (TFLOP/s) of an ``n x n x n`` ``dtype`` GEMM on ``device``, measured now."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = measure(lambda: a @ b, warmup=warmup, reps=reps, device=device)
+    return 2 * n**3 / (t.median_ms * 1e-3) / 1e12
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64."""
+    got, want = got.detach().double(), want.detach().double().to(got.device)
+    if got.shape != want.shape:
+        raise ValueError(f"shape {list(got.shape)} != reference {list(want.shape)}")
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,106 @@
+"""The benchmark runner on CPU (toy widths, fp32): every available candidate passes its correctness
+check against the reference and is timed; a wrong candidate is refused and not timed; the report files
+are written. GPU numbers come from `qwen3-next-mcore bench` on a GPU (docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from qwen3_next_mcore.testing.distributed import run_distributed
+
+
+def _run_small(rank, out_dir):
+    from qwen3_next_mcore.bench import run
+
+    return run(["gdn-kernel", "gdn-layer", "attention-layer", "moe-block"], out_dir=out_dir, size="small",
+               warmup=0, reps=1)
+
+
+def test_small_run_checks_and_times_every_available_candidate(tmp_path):
+    report = run_distributed(_run_small, 1, args=(str(tmp_path),))[0]
+    expected = {"gdn-kernel": {"ours (dispatched)", "torch chunked"}, "gdn-layer": {"ours", "transformers"},
+                "attention-layer": {"ours", "transformers (sdpa)"},
+                "moe-block": {"ours (grouped GEMM experts)", "transformers (eager experts)"}}
+    for name, cands in expected.items():
+        res = report["cases"][name]
+        assert "error" not in res, res
+        rows = {r["candidate"]: r for r in res["rows"]}
+        assert set(rows) == cands, rows
+        for r in rows.values():
+            # fp32 against the fp32 reference: agreement to rounding, not to the bf16 tolerance
+            assert max(r["errors"].values()) < 1e-4, (name, r)
+            assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and "refused" not in r
+    assert "fla direct" in report["cases"]["gdn-kernel"]["unavailable"]
+    assert "megatron-core GatedDeltaNet" in report["cases"]["gdn-layer"]["unavailable"]
+    saved = json.loads((tmp_path / "bench_small.json").read_text())
+    assert set(saved["cases"]) == set(expected)
+    md = (tmp_path / "bench_small.md").read_text()
+    assert "## gdn-layer" in md and "| ours |" in md
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_wrong_candidate_is_refused_and_not_timed():
+    from qwen3_next_mcore.bench.cases import Candidate, Case
+    from qwen3_next_mcore.bench.runner import run_layer_case
+
+    w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+
+    def candidate(name, scale):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        p = w.clone().requires_grad_(True)
+        return Candidate(name, lambda: (x @ p) * scale, x, lambda: x.grad, {"w": p})
+
+    case = Case("toy", candidate("reference", 1.0), [candidate("right", 1.0), candidate("wrong", 1.2)], {},
+                flops_fwd=2 * 4 * 8 * 8, bytes_fwd=None, floor=None, tolerance=5e-2)
+    res = run_layer_case(case, warmup=0, reps=2, device=torch.device("cpu"), matmul=1.0)
+    rows = {r["candidate"]: r for r in res["rows"]}
+    assert rows["right"]["fwd_ms"] >= 0 and "refused" not in rows["right"]
+    assert rows["wrong"]["refused"].startswith("wrong: output rel error 2.00e-01")
+    assert "fwd_ms" not in rows["wrong"]
+    assert rows["wrong"]["errors"]["d_w"] > 0.1 and rows["wrong"]["errors"]["d_input"] > 0.1
+
+
+def test_load_hf_weights_takes_a_state_dict(tmp_path):
+    """load_hf_weights(model, hf_model.state_dict()) (fused experts, in memory) fills the model exactly as
+    the saved folder does: what the benchmarks use to give every candidate the same weights."""
+    run_distributed(_state_dict_vs_folder, 1, args=(str(tmp_path),))
+
+
+def _state_dict_vs_folder(rank, tmp):
+    from qwen3_next_mcore import parallel
+    from qwen3_next_mcore.config import get_preset
+    from qwen3_next_mcore.model import build_model, load_hf_weights
+    from qwen3_next_mcore.testing.tiny_hf import make_hf_checkpoint
+
+    parallel.initialize()
+    cfg = get_preset("tiny", vocab_size=256)
+    hf = make_hf_checkpoint(cfg, tmp, seed=5)
+    a, b = build_model(cfg), build_model(cfg)
+    load_hf_weights(a, tmp)
+    state = hf.state_dict()
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)  # the fused 5.x layout
+    state.update(hf.mtp_state)
+    report = load_hf_weights(b, state)
+    assert report["tensors"] > 0
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        if isinstance(p, torch.Tensor):
+            assert torch.equal(p, q), n
+    parallel.destroy()
+
+
+def test_train_step_runs_each_candidate_in_its_own_process():
+    """train-step on the tiny preset (fp32, CPU): transformers and ours start from the same weights, so
+    their first losses agree (ours predicts one more position per row: a 1/T difference at most)."""
+    from qwen3_next_mcore.bench.train_step import run_train_step
+
+    res = run_train_step("tiny", {"vocab_size": 1024}, batch=2, seq=32, dtype=torch.float32,
+                         device=torch.device("cpu"), warmup=0, reps=2, modes=("none", "offload"))
+    rows = {r["candidate"]: r for r in res["rows"]}
+    assert set(rows) == {"transformers (eager experts, AdamW)", "ours (recompute none)",
+                         "ours (activation offload)"}, res
+    assert not res["refused"]
+    ours, offload = rows["ours (recompute none)"], rows["ours (activation offload)"]
+    assert ours["loss_rel_error"] < 1 / 32 and ours["loss_step0"] == offload["loss_step0"]
+    assert all(r["tokens_per_s"] > 0 and r["tflops_per_gpu"] > 0 for r in rows.values())
