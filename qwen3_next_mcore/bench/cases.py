@@ -234,6 +234,10 @@ def gdn_kernel(shape: Shape, device: torch.device, models: _Models | None = None
 
         cands.append(candidate("fla direct", lambda q, k, v, g, beta: chunk_gated_delta_rule(
             q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)[0], shape.dtype))
+        r = HV // H
+        cands.append(candidate("fla direct (q/k repeated)", lambda q, k, v, g, beta: chunk_gated_delta_rule(
+            q.repeat_interleave(r, 2), k.repeat_interleave(r, 2), v, g=g, beta=beta,
+            use_qk_l2norm_in_kernel=True)[0], shape.dtype))
     else:
         unavailable["fla direct"] = why_not_fla
         cands.append(candidate("ours (dispatched)", ours(None), shape.dtype))
@@ -285,20 +289,20 @@ def _megatron_gdn(models: _Models, hf_state: dict, device: torch.device):
     return layer
 
 
-def _fp32_torch_gdn(gdn, device: torch.device):
-    """A float32 twin of our GDN module ``gdn`` (same weights) on the pure-torch conv and recurrence."""
+def _gdn_twin(gdn, device: torch.device, dtype: torch.dtype, backend: dict):
+    """A copy of our GDN module ``gdn`` (same weights) in ``dtype`` with op ``backend`` choices."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from ..layers.gated_deltanet import GatedDeltaNetSubmodules, Qwen3NextGatedDeltaNet
     from ..layers.norms import GatedRMSNorm
 
-    tc = dataclasses.replace(gdn.config, params_dtype=torch.float32, bf16=False, fp16=False)
+    tc = dataclasses.replace(gdn.config, params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=False)
     sub = GatedDeltaNetSubmodules(in_proj_qkvz=ColumnParallelLinear, in_proj_ba=ColumnParallelLinear,
-                                  out_norm=GatedRMSNorm, out_proj=RowParallelLinear,
-                                  backend={"gdn": "torch", "conv": "torch"})
+                                  out_norm=GatedRMSNorm, out_proj=RowParallelLinear, backend=backend)
     twin = Qwen3NextGatedDeltaNet(tc, sub, layer_number=1).to(device)
-    twin.load_state_dict({k: v.float() for k, v in gdn.state_dict().items() if not k.endswith("_extra_state")},
-                         strict=False)
+    state = {k: v if k in ("A_log", "dt_bias") else v.to(dtype) for k, v in gdn.state_dict().items()
+             if not k.endswith("_extra_state")}
+    twin.load_state_dict(state, strict=False)
     return twin
 
 
@@ -332,7 +336,7 @@ def gdn_layer(shape: Shape, device: torch.device, models: _Models) -> Case:
     # reference: our layer in float32 on the pure-torch ops (conv, chunked recurrence), which match
     # transformers' layer to 1e-6 on CPU (tests/model); transformers' own float32 layer would run fla's
     # float32 kernels, minutes of extra Triton autotuning for no extra evidence
-    ref_mod = _fp32_torch_gdn(models.gdn, device)
+    ref_mod = _gdn_twin(models.gdn, device, torch.float32, {"gdn": "torch", "conv": "torch"})
     reference = _ours_candidate("reference (ours on torch ops, fp32)", ref_mod, x, ours_call,
                                 {"out_proj": ref_mod.out_proj.weight})
     xs = x.to(shape.dtype)
@@ -340,6 +344,8 @@ def gdn_layer(shape: Shape, device: torch.device, models: _Models) -> Case:
         _ours_candidate("ours", models.gdn, xs, ours_call, {"out_proj": models.gdn.out_proj.weight}),
         _hf_candidate("transformers", hf_layer, xs, hf_call, {"out_proj": hf_layer.out_proj.weight}),
     ]
+    rep = _gdn_twin(models.gdn, device, shape.dtype, {"gva": "repeat"})
+    cands.insert(1, _ours_candidate("ours (q/k repeated)", rep, xs, ours_call, {"out_proj": rep.out_proj.weight}))
     unavailable = {}
     why = fla_unavailable(device)
     if why is None:

@@ -42,7 +42,9 @@ class GatedDeltaNetSubmodules:
     in_proj_ba: Union[ModuleSpec, type] = ColumnParallelLinear
     out_norm: Union[ModuleSpec, type] = GatedRMSNorm
     out_proj: Union[ModuleSpec, type] = RowParallelLinear
-    backend: dict = field(default_factory=dict)  # op backends: {"gdn": ..., "conv": ...}
+    # op backends: {"gdn": ..., "conv": ...}; "gva": "repeat" repeats q/k to the value heads instead of
+    # fla's native grouped value heads (same numbers; kept to benchmark both)
+    backend: dict = field(default_factory=dict)
 
 
 class Qwen3NextGatedDeltaNet(MegatronModule):
@@ -150,6 +152,8 @@ class Qwen3NextGatedDeltaNet(MegatronModule):
         k_bthk = mixed_bt[..., dk: 2 * dk]
         v_bthv = mixed_bt[..., 2 * dk:].reshape(B, S, G * r, dv)
 
+        if self.backend.get("gva") == "repeat" and r > 1:  # one q/k head per value head (benchmarks)
+            q_bthk, k_bthk = (x.repeat_interleave(r, dim=2) for x in (q_bthk, k_bthk))
         beta = b_bt.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a_bt.float() + self.dt_bias.float())
         o_bthv, _ = gated_delta_rule(q_bthk, k_bthk, v_bthv, g=g, beta=beta, use_qk_l2norm=True,
