@@ -1,5 +1,5 @@
 # Source on the offline GPU test machine (from the project root) after carrying either
-#   .gpu-wheels/site.tar.xz   (the wheels below, installed and packed with xz: fits one 64 MiB carry), or
+#   .gpu-wheels/site.tar.xz   (scripts/pack_gpu_site.sh: the wheels below installed and xz-packed, one carry), or
 #   .gpu-wheels/{base,tile}   (the wheels themselves; ../shared/tools/gpu-wheels.sh fetches them).
 # Installs into /tmp/site (once per machine) and puts the project and them on PYTHONPATH.
 if ! PYTHONPATH=/tmp/site python3 -c "import tilelang, fla, megatron.core, pydantic" >/dev/null 2>&1; then
