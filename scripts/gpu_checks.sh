@@ -1,26 +1,38 @@
 #!/usr/bin/env bash
-# GPU checks on the offline test machine (see scripts/gpu_env.sh): the gpu-marked tests, then a bf16
-# proxy-preset training run. Usage: bash scripts/gpu_checks.sh OUTDIR [tests|train|all] [TRAIN ARGS...]
-# Carry .gpu-wheels/site.tar.xz and .gpu-data/gpu-data.tar.xz (a tokenizer and the c4 sample, tokenised).
+# Everything we run on the offline GPU machine, part by part, each under its own time limit so one slow
+# part cannot lose the others' results; the kernel caches are packed into OUTDIR at the end.
+#   bash scripts/gpu_checks.sh OUTDIR PART... [-- TRAIN ARGS...]
+# PARTs: tests (gpu-marked tests), bench (all benchmark cases), train (50 bf16 proxy steps),
+#        parallel (per-step losses at TP=2 and EP=2 against one GPU; needs 2 GPUs).
+# Limits per part (seconds): TESTS_S, BENCH_S, TRAIN_S, PARALLEL_S (defaults below).
+# Carry .gpu-wheels/site.tar.xz and .gpu-data (tokenizer + tokenised c4 sample, kernel caches).
 set -uo pipefail
-out=${1:?OUTDIR}; what=${2:-all}; shift 2 || true
+out=${1:?OUTDIR}; shift
+parts=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do parts+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
 mkdir -p "$out"
 source scripts/gpu_env.sh
 [ -d /tmp/gd ] || { mkdir -p /tmp/gd && tar -xJf .gpu-data/gpu-data.tar.xz -C /tmp/gd; }
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton, fla, tilelang, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__, 'tilelang', tilelang.__version__, 'mcore', m.__version__)" | tee -a "$out/gpu.txt"
+quiet() { grep -v "Warning\|warnings.warn\|TileLang\|param.main_grad\|^\s*$"; }
 rc=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -rs -s -m gpu -o addopts="" -p no:cacheprovider ${GPU_TESTS:-tests/ops tests/model} 2>&1 | tee "$out/gpu_tests.log"
+for part in "${parts[@]}"; do
+  case $part in
+    tests) timeout "${TESTS_S:-400}" python3 -m pytest -q -rs -s -m gpu -o addopts="" -p no:cacheprovider \
+             tests/ops tests/model 2>&1 | quiet | tee "$out/gpu_tests.log" ;;
+    bench) timeout "${BENCH_S:-480}" python3 -m benchmarks.run --out "$out" 2>&1 | quiet | tee "$out/bench.log" ;;
+    train) timeout "${TRAIN_S:-300}" python3 -m qwen3_next_mcore train --preset proxy --tokenizer /tmp/gd/tok \
+             --data-path /tmp/gd/data/c4_text_document --split 100,0,0 --seq-length 4096 --micro-batch-size 1 \
+             --global-batch-size 2 --train-iters 50 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --bf16 \
+             --log-json "$out/train.jsonl" "$@" 2>&1 | grep "iteration\|Error\|error\|trained" | tee "$out/train.log" ;;
+    parallel) timeout "${PARALLEL_S:-480}" python3 scripts/parallel_losses.py --out "$out/parallel" --hf-dir /tmp/pl_hf --preset proxy \
+             --experts 16 --steps 20 --bf16 --layouts tp2 ep2 --data-path /tmp/gd/data/c4_text_document \
+             --tokenizer /tmp/gd/tok 2>&1 | quiet | tail -40 | tee "$out/parallel.log" ;;
+    *) echo "unknown part $part (tests, bench, train, parallel)"; rc=2; continue ;;
+  esac
   rc=$((rc | $?))
-fi
-if [ "$what" = train ] || [ "$what" = all ]; then
-  python3 -m qwen3_next_mcore train --preset proxy --tokenizer /tmp/gd/tok \
-    --data-path /tmp/gd/data/c4_text_document --split 100,0,0 --seq-length 4096 --micro-batch-size 2 \
-    --global-batch-size 2 --train-iters 50 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --bf16 \
-    --log-json "$out/train.jsonl" "$@" 2>&1 | tee "$out/train.log"
-  rc=$((rc | $?))
-fi
+done
 gpu_cache_pack "$out"
 exit $rc

@@ -39,11 +39,12 @@ def main() -> int:
     p.add_argument("--layouts", nargs="+", default=["tp2", "ep2"], choices=sorted(LAYOUTS))
     p.add_argument("--data-path", required=True)
     p.add_argument("--tokenizer", required=True)
+    p.add_argument("--hf-dir", help="where the random HF checkpoint goes (default OUT/hf; made once)")
     p.add_argument("--tolerance", type=float, default=2e-2, help="max relative loss difference per step")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    hf = out / "hf"
+    hf = Path(a.hf_dir) if a.hf_dir else out / "hf"
     if not (hf / "config.json").is_file():
         import torch
 
