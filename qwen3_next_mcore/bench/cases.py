@@ -346,6 +346,9 @@ def gdn_layer(shape: Shape, device: torch.device, models: _Models) -> Case:
     ]
     rep = _gdn_twin(models.gdn, device, shape.dtype, {"gva": "repeat"})
     cands.insert(1, _ours_candidate("ours (q/k repeated)", rep, xs, ours_call, {"out_proj": rep.out_proj.weight}))
+    fused = _gdn_twin(models.gdn, device, shape.dtype, {"gate": "fused"})
+    cands.insert(2, _ours_candidate("ours (gating in kernel)", fused, xs, ours_call,
+                                    {"out_proj": fused.out_proj.weight}))  # dA_log: tests/ops/test_ops_gpu.py
     unavailable = {}
     why = fla_unavailable(device)
     if why is None:

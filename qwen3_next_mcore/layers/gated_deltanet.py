@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -30,7 +29,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint,
 from torch import nn
 
 from ..ops.causal_conv1d import causal_conv1d
-from ..ops.gated_delta_rule import gated_delta_rule
+from ..ops.gated_delta_rule import gated_delta_rule, gdn_gate
 from .norms import GatedRMSNorm
 
 
@@ -43,7 +42,8 @@ class GatedDeltaNetSubmodules:
     out_norm: Union[ModuleSpec, type] = GatedRMSNorm
     out_proj: Union[ModuleSpec, type] = RowParallelLinear
     # op backends: {"gdn": ..., "conv": ...}; "gva": "repeat" repeats q/k to the value heads instead of
-    # fla's native grouped value heads (same numbers; kept to benchmark both)
+    # fla's native grouped value heads; "gate": "fused" lets fla's kernel compute the decay and beta from
+    # the raw projections (same math; both kept to benchmark them)
     backend: dict = field(default_factory=dict)
 
 
@@ -154,10 +154,15 @@ class Qwen3NextGatedDeltaNet(MegatronModule):
 
         if self.backend.get("gva") == "repeat" and r > 1:  # one q/k head per value head (benchmarks)
             q_bthk, k_bthk = (x.repeat_interleave(r, dim=2) for x in (q_bthk, k_bthk))
-        beta = b_bt.sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a_bt.float() + self.dt_bias.float())
-        o_bthv, _ = gated_delta_rule(q_bthk, k_bthk, v_bthv, g=g, beta=beta, use_qk_l2norm=True,
-                                     cu_seqlens=cu_seqlens, backend=self.backend.get("gdn"))
+        if self.backend.get("gate") == "fused":  # decay and beta computed inside the recurrence kernel
+            o_bthv, _ = gated_delta_rule(q_bthk, k_bthk, v_bthv, g=a_bt, beta=b_bt, A_log=self.A_log,
+                                         dt_bias=self.dt_bias, beta_is_logit=True, use_qk_l2norm=True,
+                                         cu_seqlens=cu_seqlens, backend=self.backend.get("gdn"))
+        else:
+            beta = b_bt.sigmoid()
+            g = gdn_gate(a_bt, self.A_log, self.dt_bias)
+            o_bthv, _ = gated_delta_rule(q_bthk, k_bthk, v_bthv, g=g, beta=beta, use_qk_l2norm=True,
+                                         cu_seqlens=cu_seqlens, backend=self.backend.get("gdn"))
         o_bthv = self.out_norm(o_bthv, z_bt)
         o_sb = o_bthv.reshape(B, S, G * r * dv).transpose(0, 1)
         out, bias = self.out_proj(o_sb)

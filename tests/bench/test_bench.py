@@ -20,7 +20,7 @@ def _run_small(rank, out_dir):
 
 def test_small_run_checks_and_times_every_available_candidate(tmp_path):
     report = run_distributed(_run_small, 1, args=(str(tmp_path),))[0]
-    expected = {"gdn-kernel": {"ours (dispatched)", "torch chunked"}, "gdn-layer": {"ours", "ours (q/k repeated)", "transformers"},
+    expected = {"gdn-kernel": {"ours (dispatched)", "torch chunked"}, "gdn-layer": {"ours", "ours (q/k repeated)", "ours (gating in kernel)", "transformers"},
                 "attention-layer": {"ours", "transformers (sdpa)"},
                 "moe-block": {"ours (grouped GEMM experts)", "transformers (eager experts)"}}
     for name, cands in expected.items():

@@ -148,3 +148,34 @@ def test_choice_logged_once(caplog, monkeypatch):
 
 def test_detect_on_cpu():
     assert backends.detect_kernel_env("cpu") == KernelEnv(device="cpu")
+
+
+def test_gating_from_raw_projections_equals_precomputed_gating():
+    """gated_delta_rule(g=a, A_log=..., dt_bias=..., beta=b, beta_is_logit=True) is the rule on
+    g = -exp(A_log) * softplus(a + dt_bias) and sigmoid(b), gradients of A_log/dt_bias included (the
+    torch path computes them first; fla >= 0.6 inside its kernel: tests/ops/test_ops_gpu.py)."""
+    import torch
+
+    from qwen3_next_mcore.ops.gated_delta_rule import gated_delta_rule, gdn_gate
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, HV, K, V = 2, 37, 2, 4, 16, 8
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, HV, V, generator=gen)
+    a, b = torch.randn(B, T, HV, generator=gen), torch.randn(B, T, HV, generator=gen)
+    runs = []
+    for fused in (False, True):
+        A_log = torch.empty(HV).uniform_(0.01, 16, generator=gen).log().requires_grad_(True) if not runs \
+            else runs[0][1].detach().clone().requires_grad_(True)
+        dt_bias = torch.ones(HV).requires_grad_(True)
+        if fused:
+            o, _ = gated_delta_rule(q, k, v, g=a, beta=b, A_log=A_log, dt_bias=dt_bias, beta_is_logit=True,
+                                    use_qk_l2norm=True, backend="torch")
+        else:
+            o, _ = gated_delta_rule(q, k, v, g=gdn_gate(a, A_log, dt_bias), beta=b.sigmoid(), use_qk_l2norm=True,
+                                    backend="torch")
+        o.square().sum().backward()
+        runs.append((o.detach(), A_log, dt_bias))
+    (o0, A0, d0), (o1, A1, d1) = runs
+    assert torch.equal(o0, o1)
+    assert torch.equal(A0.grad, A1.grad) and torch.equal(d0.grad, d1.grad) and A0.grad.abs().sum() > 0

@@ -122,6 +122,41 @@ def test_auto_picks_fla_on_cuda(make_gdn_inputs):
     torch.testing.assert_close(auto, fla, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not fla_ready(), reason="fla backend not usable here")
+def test_fla_gating_in_kernel_matches_fp64(rel):
+    """The decay and beta computed inside fla's kernel from the raw projections (use_gate_in_kernel,
+    use_beta_sigmoid_in_kernel) against the fp64 torch path on the same bf16 inputs: output and the
+    gradients of a, b, A_log and dt_bias (same tolerance as the other bf16 fla checks)."""
+    from qwen3_next_mcore.ops.gated_delta_rule import gdn_gate
+
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, HV, K, V = 2, 300, 2, 4, 64, 64
+    base = [torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen),
+            torch.randn(B, T, HV, V, generator=gen), torch.randn(B, T, HV, generator=gen),
+            torch.randn(B, T, HV, generator=gen)]
+    base = [t.cuda().bfloat16() for t in base]
+    A_log0 = torch.empty(HV).uniform_(0.01, 16, generator=gen).log().cuda()
+    results = []
+    for dtype, fused in ((torch.float64, False), (torch.bfloat16, True)):
+        q, k, v, a, b = (t.to(dtype).clone().requires_grad_(True) for t in base)
+        A_log = A_log0.double().clone().requires_grad_(True) if not fused else A_log0.clone().requires_grad_(True)
+        dt_bias = torch.ones(HV, device="cuda", dtype=A_log.dtype, requires_grad=True)
+        if fused:
+            o, _ = gated_delta_rule(q, k, v, g=a, beta=b, A_log=A_log, dt_bias=dt_bias, beta_is_logit=True,
+                                    use_qk_l2norm=True, backend="fla")
+        else:
+            o, _ = gated_delta_rule(q, k, v, g=gdn_gate(a, A_log, dt_bias).double(), beta=b.sigmoid(),
+                                    use_qk_l2norm=True, backend="torch")
+        o.float().square().sum().backward()
+        results.append({"o": o, "da": a.grad, "db": b.grad, "dA_log": A_log.grad, "ddt_bias": dt_bias.grad,
+                        "dq": q.grad, "dv": v.grad})
+    ref, got = results
+    errs = {k: rel(got[k], ref[k]) for k in ref}
+    print("fused gating:", {k: f"{e:.2e}" for k, e in errs.items()})
+    # dA_log/ddt_bias are sums over every token of cancelling terms (docs/numerics.md): 5e-2 for them
+    assert all(e < (5e-2 if k in ("dA_log", "ddt_bias") else BF16_TOL) for k, e in errs.items()), errs
+
+
 def test_torch_chunk_on_cuda_fp32(make_gdn_inputs, rel):
     inputs = make_gdn_inputs(1, 130, 2, 4, 32, 16, dtype=torch.float32, device="cuda")
     check(rel, chunk_gated_delta_rule, inputs, FP32_TORCH_TOL)
