@@ -230,6 +230,8 @@ def main() -> int:
         return 0
 
     load_before = os.getloadavg()
+    if args.workdir is not None:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="convert-bench-", dir=args.workdir))
     try:
         hf_dir = work / "hf"
