@@ -86,6 +86,8 @@ class TrainConfig(BaseModel):
     # precision and memory
     bf16: bool = False
     fp16: bool = False
+    fp8_format: Literal["e4m3", "hybrid"] | None = None  # FP8 GEMMs through Transformer Engine
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
     recompute_granularity: Literal["full", "selective"] | None = None
     recompute_method: Literal["uniform", "block"] | None = None
     recompute_num_layers: PositiveInt | None = None
@@ -113,6 +115,12 @@ class TrainConfig(BaseModel):
             raise bad("global_batch_size", f"must be a multiple of --micro-batch-size={self.micro_batch_size}")
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are mutually exclusive")
+        if self.fp8_format is not None:
+            if not (self.bf16 or self.fp16):
+                raise bad("fp8_format", "FP8 GEMMs run inside a bf16/fp16 model: add --bf16")
+            if self.transformer_impl != "transformer_engine":
+                raise bad("fp8_format", "FP8 needs Transformer Engine's layers: add --transformer-impl "
+                          "transformer_engine")
         if self.min_lr > self.lr:
             raise bad("min_lr", f"must be <= --lr={self.lr}")
         if self.lr_warmup_iters > self.decay_iters:
@@ -231,6 +239,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g = p.add_argument_group("precision, memory, losses, logging")
     add(g, "bf16", **_bool(True))
     add(g, "fp16", **_bool(True))
+    add(g, "fp8_format", choices=["e4m3", "hybrid"], help="FP8 GEMMs through Transformer Engine (needs "
+        "--transformer-impl transformer_engine and --bf16); the GDN recurrence and attention stay bf16")
+    add(g, "fp8_recipe", choices=["delayed", "tensorwise", "blockwise", "mxfp8"], help="FP8 scaling recipe "
+        "(default delayed)")
     add(g, "recompute_granularity", choices=["full", "selective"])
     add(g, "recompute_method", choices=["uniform", "block"])
     add(g, "recompute_num_layers", type=int)

@@ -57,6 +57,9 @@ def _transformer_overrides(cfg: TrainConfig, model_cfg) -> dict:
     if cfg.moe_aux_loss_coeff is not None:
         out["moe_aux_loss_coeff"] = cfg.moe_aux_loss_coeff
         out["moe_router_load_balancing_type"] = "aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none"
+    if cfg.fp8_format is not None:
+        out["fp8"] = cfg.fp8_format
+        out["fp8_recipe"] = cfg.fp8_recipe
     if cfg.recompute_granularity is not None:
         out["recompute_granularity"] = cfg.recompute_granularity
         if cfg.recompute_granularity == "full":

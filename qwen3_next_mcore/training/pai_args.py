@@ -86,8 +86,10 @@ def pai_to_train_args(positional: Sequence[str], env: Mapping[str, str] | None =
         out.append("--bf16")
     elif pr == "fp16":
         out.append("--fp16")
-    elif pr == "fp8":
-        raise ValueError("PR='fp8': FP8 training is not supported yet; use bf16")
+    elif pr == "fp8":  # Pai's fp8: TE's hybrid format (e4m3 forward, e5m2 gradients), delayed scaling
+        out += ["--bf16", "--fp8-format", "hybrid", "--transformer-impl", "transformer_engine"]
+        notes.append("PR=fp8: FP8 GEMMs through Transformer Engine (--fp8-format hybrid); the GDN recurrence "
+                     "and attention stay bf16")
     else:
         raise ValueError(f"PR={pr!r}: expected bf16, fp16 or fp8")
 

@@ -59,6 +59,10 @@ def test_frozen_and_no_extra_fields():
     (["--lr-warmup-iters", "20", "--train-iters", "10"], r"--lr-warmup-iters=20"),
     (["--sft-packing"], "need --sft"),
     (["--no-load-optim"], "--no-load-optim needs --load"),
+    (["--finetune"], "--finetune needs --load"),
+    (["--fp8-format", "hybrid"], r"--fp8-format='hybrid': FP8 GEMMs run inside a bf16/fp16 model"),
+    (["--fp8-format", "hybrid", "--bf16"], r"--fp8-format='hybrid': FP8 needs Transformer Engine"),
+    (["--cpu-offloading", "--recompute-granularity", "selective"], "mutually exclusive"),
 ])
 def test_bad_options_name_the_option(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -83,3 +87,21 @@ def test_cli_reports_bad_options(capsys):
     assert main(["train", "--preset", "tiny", "--data-path", "x", "--micro-batch-size", "0"]) == 2
     assert "--micro-batch-size=0" in capsys.readouterr().err
     assert isinstance(parse_args(BASE), TrainConfig)
+
+
+def test_fp8_without_transformer_engine_is_refused_by_name():
+    """--fp8-format runs through Transformer Engine's layers; where TE is missing the model build says so
+    (never a silent bf16 run)."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    from qwen3_next_mcore.config import get_preset
+    from qwen3_next_mcore.specs import get_qwen3_next_stack_spec
+
+    cfg = parse_args(BASE + ["--fp8-format", "hybrid", "--bf16", "--transformer-impl", "transformer_engine"])
+    assert cfg.fp8_format == "hybrid" and cfg.fp8_recipe == "delayed"
+    with pytest.raises(ValueError, match="needs Transformer Engine"):
+        get_qwen3_next_stack_spec(get_preset("tiny"), "te")

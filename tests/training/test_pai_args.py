@@ -74,6 +74,7 @@ def test_sft_counts_iterations_and_uses_pad_len():
      ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2"]),
     ({"AC": "offload"}, {"MP_AC_LAYERS": "3"}, ["--cpu-offloading", "--cpu-offloading-num-layers", "3"]),
     ({"PR": "fp16"}, {}, ["--fp16"]),
+    ({"PR": "fp8"}, {}, ["--bf16", "--fp8-format", "hybrid", "--transformer-impl", "transformer_engine"]),
     ({"TP": "2", "SP": "true"}, {}, ["--sequence-parallel"]),
     ({"OPTIMIZER_OFFLOAD": "0.5"}, {}, ["--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.5"]),
     ({"PP": "2", "ETP": "1", "CP": "1"}, {}, ["--pipeline-model-parallel-size", "2"]),
@@ -88,7 +89,7 @@ def test_single_arguments(changes, env, expected):
 @pytest.mark.parametrize("changes, env, message", [
     ({"ENV": "k8s"}, {}, "ENV='k8s'"),
     ({"MODEL_SIZE": "A22B"}, {}, "MODEL_SIZE='A22B'"),
-    ({"PR": "fp8"}, {}, "PR='fp8'"),
+    ({"PR": "fp4"}, {}, "PR='fp4'"),
     ({"AC": "swap"}, {}, "AC='swap'"),
     ({"SP": "maybe"}, {}, "SP='maybe'"),
     ({"OPTIMIZER_OFFLOAD": "2"}, {}, "OPTIMIZER_OFFLOAD='2'"),
