@@ -26,6 +26,34 @@ from .safetensors_io import TensorEntry, pread_into, read_header
 _FUSED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<which>gate_up_proj|down_proj)$")
 
 
+def fused_expert_names(shapes: dict[str, tuple[int, ...]], where) -> dict[str, tuple[str, int, str]]:
+    """The per-expert names under which fused expert tensors (transformers 5.x:
+    ``...mlp.experts.gate_up_proj`` ``[E, 2F, H]`` as ``[gate; up]``, ``down_proj`` ``[E, H, F]``) are listed: ``{name: (fused name, expert,
+    part)}`` with part ``gate``, ``up`` or ``all``. ``shapes``: every stored name's shape; ``where(name)``
+    names its file in errors."""
+    virtual: dict[str, tuple[str, int, str]] = {}
+    for key, shape in shapes.items():
+        m = _FUSED.match(key)
+        if not m:
+            continue
+        if len(shape) != 3:
+            raise ValueError(f"{where(key)}: fused expert tensor {key!r} has shape {list(shape)}, expected "
+                             "[experts, rows, cols]")
+        for e in range(shape[0]):
+            p = f"{m['prefix']}.{e}"
+            if m["which"] == "gate_up_proj":
+                virtual[f"{p}.gate_proj.weight"] = (key, e, "gate")
+                virtual[f"{p}.up_proj.weight"] = (key, e, "up")
+            else:
+                virtual[f"{p}.down_proj.weight"] = (key, e, "all")
+    return virtual
+
+
+def listed_names(stored, virtual: dict[str, tuple[str, int, str]]) -> set[str]:
+    """Stored names with the fused expert tensors replaced by their per-expert names."""
+    return (set(stored) - {v[0] for v in virtual.values()}) | set(virtual)
+
+
 class HFCheckpoint:
     """Lazy, validated access to the tensors of a HF checkpoint folder (close it, or use ``with``)."""
 
@@ -62,31 +90,15 @@ class HFCheckpoint:
                 raise ValueError(f"{index}: {len(missing)} tensors listed in the index are not in their shard "
                                  f"(first: {missing[0]!r} -> {weight_map[missing[0]]})")
         self._fds: dict[str, int] = {}
-        # virtual per-expert names for fused expert tensors: name -> (real name, expert, part)
-        self._virtual: dict[str, tuple[str, int, str]] = {}
-        for key in list(self._where):
-            m = _FUSED.match(key)
-            if not m:
-                continue
-            shape = self._entry(key).shape
-            if len(shape) != 3:
-                raise ValueError(f"{self.directory / self._where[key]}: fused expert tensor {key!r} has shape "
-                                 f"{list(shape)}, expected [experts, rows, cols]")
-            for e in range(shape[0]):
-                p = f"{m['prefix']}.{e}"
-                if m["which"] == "gate_up_proj":
-                    self._virtual[f"{p}.gate_proj.weight"] = (key, e, "gate")
-                    self._virtual[f"{p}.up_proj.weight"] = (key, e, "up")
-                else:
-                    self._virtual[f"{p}.down_proj.weight"] = (key, e, "all")
+        self._virtual = fused_expert_names({k: self._entry(k).shape for k in self._where},
+                                           lambda k: self.directory / self._where[k])
 
     def _entry(self, key: str) -> TensorEntry:
         return self._entries[self._where[key]][key]
 
     def keys(self) -> set[str]:
         """Stored names, with fused expert tensors listed under their per-expert names."""
-        fused = {v[0] for v in self._virtual.values()}
-        return (set(self._where) - fused) | set(self._virtual)
+        return listed_names(self._where, self._virtual)
 
     def shape(self, key: str) -> tuple[int, ...]:
         if key in self._virtual:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..convert.hf_checkpoint import _FUSED, HFCheckpoint, check_against_config
+from ..convert.hf_checkpoint import HFCheckpoint, check_against_config, fused_expert_names, listed_names
 from ..convert.mapping import build_rules, expected_hf_shapes, to_ours
 from ..convert.transforms import tp_shard
 
@@ -102,32 +102,17 @@ class StateDictCheckpoint:
     def __init__(self, state_dict: Mapping[str, torch.Tensor], name: str = "<state dict>"):
         self.directory = Path(name)
         self._sd = dict(state_dict)
-        self._virtual: dict[str, tuple[str, int, slice | None]] = {}
-        for key, t in self._sd.items():
-            m = _FUSED.match(key)
-            if not m:
-                continue
-            if t.dim() != 3:
-                raise ValueError(f"{name}: fused expert tensor {key!r} has shape {list(t.shape)}, expected "
-                                 "[experts, rows, cols]")
-            half = t.shape[1] // 2
-            for e in range(t.shape[0]):
-                p = f"{m['prefix']}.{e}"
-                if m["which"] == "gate_up_proj":
-                    self._virtual[f"{p}.gate_proj.weight"] = (key, e, slice(0, half))
-                    self._virtual[f"{p}.up_proj.weight"] = (key, e, slice(half, None))
-                else:
-                    self._virtual[f"{p}.down_proj.weight"] = (key, e, None)
+        self._virtual = fused_expert_names({k: tuple(t.shape) for k, t in self._sd.items()}, lambda _: name)
 
     def keys(self) -> set[str]:
-        fused = {v[0] for v in self._virtual.values()}
-        return (set(self._sd) - fused) | set(self._virtual)
+        return listed_names(self._sd, self._virtual)
 
     def get(self, key: str) -> torch.Tensor:
         if key in self._virtual:
-            real, e, rows = self._virtual[key]
+            real, e, part = self._virtual[key]
             t = self._sd[real][e]
-            return t if rows is None else t[rows]
+            half = t.shape[0] // 2
+            return {"gate": t[:half], "up": t[half:], "all": t}[part]
         return self._sd[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
