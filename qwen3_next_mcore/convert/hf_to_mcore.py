@@ -46,7 +46,7 @@ from .output import (
     ConversionReport,
     check_output_free,
     copy_side_files,
-    fsync_file,
+    fsync_path,
     fsync_tree,
     gc_paused,
     make_tmp_dir,
@@ -196,7 +196,7 @@ def _write_share(tmp: Path, group: _Group, buckets, items, object_data, rule_of,
                     results += written
                     if sync:
                         files = {release / r.storage_data.relative_path for r in written}
-                        flushes += [flusher.submit(fsync_file, f) for f in files]
+                        flushes += [flusher.submit(fsync_path, f) for f in files]
             finally:
                 source.stop()
             for f in flushes:

@@ -88,27 +88,20 @@ def publish(tmp: Path, output: Path, sync: bool) -> None:
     check_output_free(output)
     os.rename(tmp, output)
     if sync:
-        fsync_dir(output.parent)
+        fsync_path(output.parent)
 
 
 def fsync_tree(directory: Path) -> None:
     """fsync every file directly in ``directory``, then the folder itself."""
     for p in directory.iterdir():
         if p.is_file():
-            fsync_file(p)
-    fsync_dir(directory)
+            fsync_path(p)
+    fsync_path(directory)
 
 
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (its entries) by path."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
