@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..convert.mcore import RELEASE, TRACKER  # Megatron-LM's tracker file; "release": a converted checkpoint
+
 log = logging.getLogger(__name__)
-TRACKER = "latest_checkpointed_iteration.txt"
 _OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
 
 
@@ -34,24 +35,26 @@ def iteration_dir(root: Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-RELEASE = "release"  # the tracker text of a converted checkpoint (Megatron-LM's name)
+def _tracker_text(root: Path | None) -> str | None:
+    """The text of ``root``'s tracker file, None when there is none."""
+    tracker = None if root is None else Path(root) / TRACKER
+    return tracker.read_text().strip() if tracker is not None and tracker.is_file() else None
 
 
-def latest_iteration(root: Path | None) -> int | None:
-    """The iteration named by ``root``'s tracker file, None when there is none; 0 for a converted
-    (``release``) checkpoint."""
-    if root is None:
-        return None
-    tracker = Path(root) / TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
+def _iteration(root: Path, text: str) -> int:
     if text == RELEASE:
         return 0
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}") from None
+        raise ValueError(f"{Path(root) / TRACKER}: expected an iteration number, found {text!r}") from None
+
+
+def latest_iteration(root: Path | None) -> int | None:
+    """The iteration named by ``root``'s tracker file, None when there is none; 0 for a converted
+    (``release``) checkpoint."""
+    text = _tracker_text(root)
+    return None if text is None else _iteration(root, text)
 
 
 def _rng_state() -> dict:
@@ -189,11 +192,11 @@ def load(root: Path, model_chunks, optimizer, scheduler, *, load_optimizer: bool
     tracker file (a fresh start, as Megatron-LM does)."""
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(root)
-    if iteration is None:
+    text = _tracker_text(root)
+    if text is None:
         log.warning("--load %s: no %s there; starting from scratch", root, TRACKER)
         return None
-    if (Path(root) / TRACKER).read_text().strip() == RELEASE:
+    if text == RELEASE:
         from ..convert import load_mcore_checkpoint
 
         for chunk in model_chunks:
@@ -203,6 +206,7 @@ def load(root: Path, model_chunks, optimizer, scheduler, *, load_optimizer: bool
         return {"iteration": 0, "consumed_samples": 0}
     if finetune:
         load_optimizer = False
+    iteration = _iteration(root, text)
     path = iteration_dir(root, iteration)
     if not path.is_dir():
         raise ValueError(f"--load {root}: {TRACKER} names iteration {iteration} but {path} is missing")
