@@ -200,36 +200,26 @@ def gdn_kernel(shape: Shape, device: torch.device, models: _Models | None = None
         c.linear_key_head_dim, c.linear_value_head_dim
     gen = torch.Generator().manual_seed(0)
 
-    def make(dtype):
-        q = torch.randn(B, T, H, K, generator=gen)
-        k = torch.randn(B, T, H, K, generator=gen)
-        v = torch.randn(B, T, HV, V, generator=gen)
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, HV, generator=gen) + 4)
-        beta = torch.rand(B, T, HV, generator=gen)
-        return q, k, v, g, beta
+    base = [torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen),
+            torch.randn(B, T, HV, V, generator=gen),
+            torch.nn.functional.logsigmoid(torch.randn(B, T, HV, generator=gen) + 4),
+            torch.rand(B, T, HV, generator=gen)]
+    base = [t.to(device) if i == 3 else t.to(device, shape.dtype) for i, t in enumerate(base)]  # g stays fp32
 
-    base = [t.to(device) for t in make(None)]
-    base = [t.to(shape.dtype) if i != 3 else t for i, t in enumerate(base)]  # g stays fp32
-    grad_out = None
-
-    def candidate(name, fn, dtype, note=""):
+    def candidate(name, fn, dtype):
         q, k, v, g, beta = (t.to(dtype if i != 3 else torch.float32).clone().requires_grad_(True)
                             for i, t in enumerate(base))
-
-        def fwd():
-            return fn(q, k, v, g, beta)
-
-        return Candidate(name, fwd, v, lambda: v.grad, {"dq": q, "dk": k, "dg": g, "dbeta": beta}, note=note)
+        return Candidate(name, lambda: fn(q, k, v, g, beta), v, lambda: v.grad,
+                         {"dq": q, "dk": k, "dg": g, "dbeta": beta})
 
     def ours(backend):
         return lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm=True,
                                                           backend=backend)[0]
 
     reference = candidate("reference (torch chunked, fp32)", ours("torch"), torch.float32)
-    cands, unavailable = [], {}
+    cands, unavailable = [candidate("ours (dispatched)", ours(None), shape.dtype)], {}
     why_not_fla = fla_unavailable(device)
     if why_not_fla is None:
-        cands.append(candidate("ours (dispatched)", ours(None), shape.dtype))
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
         cands.append(candidate("fla direct", lambda q, k, v, g, beta: chunk_gated_delta_rule(
@@ -240,9 +230,7 @@ def gdn_kernel(shape: Shape, device: torch.device, models: _Models | None = None
             use_qk_l2norm_in_kernel=True)[0], shape.dtype))
     else:
         unavailable["fla direct"] = why_not_fla
-        cands.append(candidate("ours (dispatched)", ours(None), shape.dtype))
     cands.append(candidate("torch chunked", ours("torch"), shape.dtype))
-    del grad_out
     flops = forward_flops(c.model_copy(update={"num_hidden_layers": 1, "layer_types": ("linear_attention",)}),
                           T)["gdn_recurrence"] * B
     elt = torch.finfo(shape.dtype).bits // 8
@@ -370,20 +358,12 @@ def gdn_layer(shape: Shape, device: torch.device, models: _Models) -> Case:
 
 def _kernel_times(case: Case, name: str, device: torch.device, reps: int = 20) -> tuple[float, float] | None:
     """(fwd ms, fwd+bwd ms) of one candidate of ``case`` (used for floors)."""
-    from .timing import measure
+    from .timing import time_fwd_bwd
 
     cand = next((c for c in case.candidates if c.name == name), None)
     if cand is None:
         return None
-    out = cand.forward()
-    grad = torch.randn_like(out)
-    fwd = measure(cand.forward, warmup=3, reps=reps, device=device)
-
-    def step():
-        cand.zero_grad()
-        cand.forward().backward(grad)
-
-    both = measure(step, warmup=3, reps=reps, device=device)
+    fwd, both = time_fwd_bwd(cand.forward, cand.zero_grad, warmup=3, reps=reps, device=device)
     return fwd.median_ms, both.median_ms
 
 
@@ -450,23 +430,19 @@ def attention_layer(shape: Shape, device: torch.device, models: _Models) -> Case
 
 
 def _sdpa_times(B, T, nh, kvh, hd, dtype, device, reps: int = 20) -> tuple[float, float]:
-    from .timing import measure
+    from .timing import time_fwd_bwd
 
     q = torch.randn(B, nh, T, hd, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(B, kvh, T, hd, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(B, kvh, T, hd, device=device, dtype=dtype, requires_grad=True)
 
-    def fwd():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    grad = torch.randn_like(fwd())
-
-    def both():
+    def zero_grad():
         q.grad = k.grad = v.grad = None
-        fwd().backward(grad)
 
-    return (measure(fwd, warmup=3, reps=reps, device=device).median_ms,
-            measure(both, warmup=3, reps=reps, device=device).median_ms)
+    fwd, both = time_fwd_bwd(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        zero_grad, warmup=3, reps=reps, device=device)
+    return fwd.median_ms, both.median_ms
 
 
 # ----- moe-block ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .cases import LAYER_CASES, Case, Shape, _Models
-from .timing import matmul_tflops, measure, peak_memory_gb, rel_error, reset_peak_memory
+from .timing import matmul_tflops, peak_memory_gb, rel_error, reset_peak_memory, time_fwd_bwd
 from .train_step import run_train_step
 
 log = logging.getLogger(__name__)
@@ -77,18 +77,8 @@ def check(case: Case, seed: int = 0) -> tuple[dict, dict]:
 
 
 def time_candidate(cand, *, warmup: int, reps: int, device: torch.device) -> dict:
-    out = cand.forward()
-    grad = torch.randn_like(out)
-    del out
-    fwd = measure(cand.forward, warmup=warmup, reps=reps, device=device)
-
-    def step():
-        cand.zero_grad()
-        cand.forward().backward(grad)
-
     reset_peak_memory(device)
-    both = measure(step, warmup=warmup, reps=reps, device=device)
-    cand.zero_grad()
+    fwd, both = time_fwd_bwd(cand.forward, cand.zero_grad, warmup=warmup, reps=reps, device=device)
     return {"fwd_ms": fwd.median_ms, "fwd_bwd_ms": both.median_ms, "fwd_min_ms": fwd.min_ms,
             "fwd_bwd_min_ms": both.min_ms, "reps": reps, "peak_gb": peak_memory_gb(device)}
 

@@ -50,6 +50,22 @@ def measure(fn: Callable[[], object], *, warmup: int, reps: int, device: torch.d
     return Timing(statistics.median(times), min(times), reps)
 
 
+def time_fwd_bwd(forward: Callable[[], torch.Tensor], zero_grad: Callable[[], None], *, warmup: int,
+                 reps: int, device: torch.device) -> tuple[Timing, Timing]:
+    """(forward, forward+backward) timings of ``forward``; the backward takes one fixed random output
+    gradient, and ``zero_grad`` clears the gradients before each repeat (and at the end)."""
+    grad = torch.randn_like(forward())
+    fwd = measure(forward, warmup=warmup, reps=reps, device=device)
+
+    def step():
+        zero_grad()
+        forward().backward(grad)
+
+    both = measure(step, warmup=warmup, reps=reps, device=device)
+    zero_grad()
+    return fwd, both
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, *, warmup: int = 3, reps: int = 10) -> float:
     """The dense matmul rate (TFLOP/s) of an ``n x n x n`` ``dtype`` GEMM on ``device``, measured now."""
     a = torch.randn(n, n, device=device, dtype=dtype)
