@@ -37,14 +37,12 @@ def _batch(vocab: int, batch: int, seq: int, device: torch.device) -> torch.Tens
 
 def _ours_step(config, hf_state, ids, dtype, recompute: dict):
     from ..training.arguments import make_config
-    from ..training.loop import _build
-    from ..training.step import forward_backward
+    from ..training.loop import _build, optimizer_step
 
     bf16 = dtype == torch.bfloat16
     cfg = make_config(preset="tiny", data_path=("unused",), bf16=bf16, micro_batch_size=ids.shape[0],
                       seq_length=ids.shape[1] - 1, lr=1e-5, moe_aux_loss_coeff=config.router_aux_loss_coef,
                       mtp_loss_scaling_factor=0.0, **recompute)
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker, get_moe_metrics_tracker
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -57,11 +55,7 @@ def _ours_step(config, hf_state, ids, dtype, recompute: dict):
     batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
 
     def step() -> float:
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        out = forward_backward([ddp], [batch])
-        finalize_model_grads([ddp])
-        optimizer.step()
+        out, _, _ = optimizer_step([ddp], optimizer, [batch])
         get_moe_metrics_tracker().clear()  # the training loop reads and clears it every iteration
         return out.get("lm loss")
 

@@ -246,6 +246,21 @@ def _write(m: dict, json_file, writer) -> None:
         writer.flush()
 
 
+def optimizer_step(chunks, optimizer, micro_batches) -> tuple[dict, bool, float | None]:
+    """One training iteration's compute: clear the gradient buffers, forward/backward over the
+    micro-batches, ``finalize_model_grads``, the optimizer step (clipping included). Returns (this
+    rank's losses of the schedule, whether the step was applied, the grad norm)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    local = forward_backward(chunks, micro_batches)
+    finalize_model_grads(chunks)
+    ok, grad_norm, _ = optimizer.step()
+    return local, ok, grad_norm
+
+
 def evaluate(cfg: TrainConfig, chunks, dataset, *, num_micro: int, dp_rank: int, dp: int, packed: bool) -> float:
     """The LM loss over ``--eval-iters`` global batches of ``dataset``, always from its first sample (so
     successive evaluations are comparable; Megatron-LM instead walks on through the validation set)."""
@@ -271,7 +286,6 @@ def evaluate(cfg: TrainConfig, chunks, dataset, *, num_micro: int, dp_rank: int,
 def train(cfg: TrainConfig) -> list[dict]:
     """Run the training described by ``cfg``; returns the metrics of every iteration run."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     from .. import parallel
@@ -306,11 +320,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         done = iteration >= cfg.train_iters
         while not done:
             start = time.perf_counter()
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            local = forward_backward(chunks, batches.take(num_micro))
-            finalize_model_grads(chunks)
-            ok, grad_norm, _ = optimizer.step()
+            local, ok, grad_norm = optimizer_step(chunks, optimizer, batches.take(num_micro))
             loss = _global_loss(local)
             mtp = _global_loss(_take_mtp_loss(num_micro)) if model_cfg.mtp_num_layers else None
             aux = _take_moe_aux_loss(ddp.module.config, num_micro) if aux_coeff > 0 else None
