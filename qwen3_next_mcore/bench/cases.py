@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Qwen3NextConfig, get_preset
+from ..model import load_hf_weights
 
 log = logging.getLogger(__name__)
 
@@ -133,28 +134,6 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator, std: float =
                 p.copy_(noise * std)
             else:
                 p.add_(noise * 0.1)
-
-
-def copy_into_ours(model, hf_state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> int:
-    """Copy the HF tensors (full HF names) of our parameters under ``prefixes`` into ``model`` through
-    the conversion mapping table; returns the number of parameters filled."""
-    from ..convert.mapping import build_rules, to_ours
-    from ..model.hf_weights import StateDictCheckpoint, global_param_names, named_weight_tensors
-
-    cfg = model.qwen3_next_config
-    ckpt = StateDictCheckpoint(hf_state)
-    rules = {r.ours: r for r in build_rules(cfg)}
-    params = named_weight_tensors(model)
-    n = 0
-    with torch.no_grad():
-        for local, glob in global_param_names(model).items():
-            if not glob.startswith(prefixes):
-                continue
-            rule = rules[glob]
-            full = to_ours(rule, [ckpt.get(h) for h in rule.hf], cfg)
-            params[local].copy_(full.to(params[local].dtype))
-            n += 1
-    return n
 
 
 class _Models:
@@ -305,8 +284,8 @@ def gdn_layer(shape: Shape, device: torch.device, models: _Models) -> Case:
     ref_layer = Qwen3NextGatedDeltaNet(hf_config(c), 0)
     _randomize(ref_layer, gen)
     hf_state = {k: v.detach().clone() for k, v in ref_layer.state_dict().items()}
-    copy_into_ours(models.model, {f"model.layers.0.linear_attn.{k}": v for k, v in hf_state.items()},
-                   ("decoder.layers.0.self_attention.",))
+    load_hf_weights(models.model, {f"model.layers.0.linear_attn.{k}": v for k, v in hf_state.items()},
+                    only=("decoder.layers.0.self_attention.",))
     x = torch.randn(B, T, c.hidden_size, generator=gen).to(device)
 
     def hf_call(m, x):
@@ -391,8 +370,8 @@ def attention_layer(shape: Shape, device: torch.device, models: _Models) -> Case
     ref_layer = Qwen3NextAttention(hfc, 1)
     _randomize(ref_layer, gen)
     hf_state = {k: v.detach().clone() for k, v in ref_layer.state_dict().items()}
-    copy_into_ours(models.model, {f"model.layers.1.self_attn.{k}": v for k, v in hf_state.items()},
-                   ("decoder.layers.2.self_attention.",))
+    load_hf_weights(models.model, {f"model.layers.1.self_attn.{k}": v for k, v in hf_state.items()},
+                    only=("decoder.layers.2.self_attention.",))
     ref_layer = ref_layer.to(device=device, dtype=torch.float32)
     hf_layer = Qwen3NextAttention(hfc, 1)
     hf_layer.load_state_dict(hf_state)
@@ -464,8 +443,8 @@ def moe_block(shape: Shape, device: torch.device, models: _Models) -> Case:
     with torch.no_grad():  # well-separated router logits: bf16 rounding must not change the top-k picks
         ref_block.gate.weight.mul_(10)
     hf_state = {k: v.detach().clone() for k, v in ref_block.state_dict().items()}
-    copy_into_ours(models.model, {f"model.layers.0.mlp.{k}": v for k, v in hf_state.items()},
-                   ("decoder.layers.1.mlp.",))
+    load_hf_weights(models.model, {f"model.layers.0.mlp.{k}": v for k, v in hf_state.items()},
+                    only=("decoder.layers.1.mlp.",))
     ref_block = ref_block.to(device=device, dtype=torch.float32)
     x = torch.randn(B, T, c.hidden_size, generator=gen).to(device)
 

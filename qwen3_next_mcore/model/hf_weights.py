@@ -125,26 +125,36 @@ class StateDictCheckpoint:
         return key
 
 
-def load_hf_weights(model, hf_dir, *, strict: bool = True, allow_extra: bool = False) -> dict:
+def load_hf_weights(model, hf_dir, *, strict: bool = True, allow_extra: bool = False,
+                    only: tuple[str, ...] | None = None) -> dict:
     """Load a HF Qwen3-Next checkpoint into ``model`` (this rank's share), MTP included.
 
     ``hf_dir``: a checkpoint folder (streamed from safetensors), an open :class:`HFCheckpoint`, or an
     in-memory HF state dict (``{name: tensor}``, e.g. ``hf_model.state_dict()``).
     Accepts per-expert (on-disk) and fused (transformers 5.x) expert layouts. With ``strict``, every
     parameter of the model must be filled and every expected HF tensor must have its expected shape;
-    unexpected HF tensors raise unless ``allow_extra``. Returns a report {tensors, bytes, skipped}.
+    unexpected HF tensors raise unless ``allow_extra``. ``only``: load just the parameters whose global
+    names start with one of these prefixes (e.g. ``("decoder.layers.0.self_attention.",)``); the
+    checkpoint then needs only their HF tensors, and any others in it are ignored.
+    Returns a report {tensors, bytes, skipped}.
     """
     cfg = model.qwen3_next_config
     if isinstance(hf_dir, Mapping):
         ckpt = StateDictCheckpoint(hf_dir)
     else:
         ckpt = hf_dir if isinstance(hf_dir, (HFCheckpoint, StateDictCheckpoint)) else HFCheckpoint(hf_dir)
-    extra = check_against_config(ckpt, expected_hf_shapes(cfg), allow_extra=allow_extra)
     rules = {r.ours: r for r in build_rules(cfg)}
+    names = global_param_names(model)
+    expected = expected_hf_shapes(cfg)
+    if only is not None:
+        names = {local: glob for local, glob in names.items() if glob.startswith(only)}
+        wanted = {h for glob in names.values() if glob in rules for h in rules[glob].hf}
+        expected = {k: v for k, v in expected.items() if k in wanted}
+    extra = check_against_config(ckpt, expected, allow_extra=allow_extra or only is not None)
     params = named_weight_tensors(model)
     n_tensors = n_bytes = 0
     with torch.no_grad():
-        for local, glob in global_param_names(model).items():
+        for local, glob in names.items():
             if glob not in rules:
                 if strict:
                     raise ValueError(f"parameter {local} ({glob}) has no HF source in the mapping table")

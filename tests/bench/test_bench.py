@@ -87,6 +87,14 @@ def _state_dict_vs_folder(rank, tmp):
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         if isinstance(p, torch.Tensor):
             assert torch.equal(p, q), n
+    # only=: one layer's parameters from that layer's HF tensors alone; the rest keep their values
+    c = build_model(cfg)
+    before = {n: p.clone() for n, p in c.named_parameters()}
+    layer0 = {k: v for k, v in state.items() if k.startswith("model.layers.0.linear_attn.")}
+    assert load_hf_weights(c, layer0, only=("decoder.layers.0.self_attention.",))["tensors"] == 7
+    for n, p in c.named_parameters():
+        want = dict(a.named_parameters())[n] if n.startswith("decoder.layers.0.self_attention.") else before[n]
+        assert torch.equal(p, want), n
     parallel.destroy()
 
 
