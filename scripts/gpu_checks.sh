@@ -4,7 +4,8 @@
 #   bash scripts/gpu_checks.sh OUTDIR PART... [-- TRAIN ARGS...]
 # PARTs: tests (gpu-marked tests), bench (all benchmark cases), train (50 bf16 proxy steps),
 #        parallel (per-step losses at TP=2 and EP=2 against one GPU; needs 2 GPUs).
-# Limits per part (seconds): TESTS_S, BENCH_S, TRAIN_S, PARALLEL_S (defaults below).
+# Limits per part (seconds): TESTS_S, BENCH_S, TRAIN_S, PARALLEL_S (defaults below); BENCH_ARGS: benchmark
+# cases and options (default: all cases).
 # Carry .gpu-wheels/site.tar.xz and .gpu-data (tokenizer + tokenised c4 sample, kernel caches).
 set -uo pipefail
 out=${1:?OUTDIR}; shift
@@ -22,7 +23,7 @@ for part in "${parts[@]}"; do
   case $part in
     tests) timeout "${TESTS_S:-400}" python3 -m pytest -q -rs -s -m gpu -o addopts="" -p no:cacheprovider \
              tests/ops tests/model 2>&1 | quiet | tee "$out/gpu_tests.log" ;;
-    bench) timeout "${BENCH_S:-480}" python3 -m benchmarks.run --out "$out" 2>&1 | quiet | tee "$out/bench.log" ;;
+    bench) timeout "${BENCH_S:-480}" python3 -m benchmarks.run --out "$out" ${BENCH_ARGS:-} 2>&1 | quiet | tee "$out/bench.log" ;;
     train) timeout "${TRAIN_S:-300}" python3 -m qwen3_next_mcore train --preset proxy --tokenizer /tmp/gd/tok \
              --data-path /tmp/gd/data/c4_text_document --split 100,0,0 --seq-length 4096 --micro-batch-size 1 \
              --global-batch-size 2 --train-iters 50 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --bf16 \

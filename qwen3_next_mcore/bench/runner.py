@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .cases import LAYER_CASES, Case, Shape, _Models
-from .timing import matmul_tflops, peak_memory_gb, rel_error, reset_peak_memory, time_fwd_bwd
+from .timing import matmul_tflops, peak_memory_gb, profile_table, rel_error, reset_peak_memory, time_fwd_bwd
 from .train_step import run_train_step
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,29 @@ def time_candidate(cand, *, warmup: int, reps: int, device: torch.device) -> dic
             "fwd_bwd_min_ms": both.min_ms, "reps": reps, "peak_gb": peak_memory_gb(device)}
 
 
-def run_layer_case(case: Case, *, warmup: int, reps: int, device: torch.device, matmul: float) -> dict:
+def profile_candidate(cand, path: Path, *, device: torch.device, steps: int = 3) -> None:
+    """Write a torch.profiler table of ``steps`` forward+backward calls of ``cand`` to ``path``."""
+    grad = None
+
+    def step():
+        nonlocal grad
+        cand.zero_grad()
+        out = cand.forward()
+        if grad is None:
+            grad = torch.randn_like(out)
+        out.backward(grad)
+
+    table = profile_table(step, steps=steps, device=device)
+    cand.zero_grad()
+    _atomic_write(path, f"# {cand.name}: {steps} forward+backward steps\n\n{table}\n")
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_")
+
+
+def run_layer_case(case: Case, *, warmup: int, reps: int, device: torch.device, matmul: float,
+                   profile_dir: Path | None = None) -> dict:
     errors, refused = check(case)
     floor = case.floor(matmul) if case.floor is not None else None
     rows = []
@@ -95,6 +117,9 @@ def run_layer_case(case: Case, *, warmup: int, reps: int, device: torch.device, 
             continue
         t = time_candidate(cand, warmup=warmup, reps=reps, device=device)
         row.update(t)
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            profile_candidate(cand, profile_dir / f"{_slug(case.name)}__{_slug(cand.name)}.txt", device=device)
         row["fwd_tflops"] = case.flops_fwd / (t["fwd_ms"] * 1e-3) / 1e12
         row["fwd_bwd_tflops"] = 3 * case.flops_fwd / (t["fwd_bwd_ms"] * 1e-3) / 1e12
         if case.bytes_fwd:
@@ -113,11 +138,13 @@ def run_layer_case(case: Case, *, warmup: int, reps: int, device: torch.device, 
 
 
 def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: str = "full", warmup: int = 5,
-        reps: int = 20, batch: int | None = None, seq: int | None = None, device: str | None = None) -> dict:
+        reps: int = 20, batch: int | None = None, seq: int | None = None, device: str | None = None,
+        profile: bool = False) -> dict:
     """Run the cases ``names`` (see :data:`CASES`) and write ``out_dir/bench_<size>.json`` and ``.md``.
 
     ``size``: ``full`` (80B widths, B=4 x T=4096 bf16 for the layers; train-step B=2 x T=4096 on the
-    proxy preset) or ``small`` (toy widths in fp32: a CPU run of the runner itself)."""
+    proxy preset) or ``small`` (toy widths in fp32: a CPU run of the runner itself). ``profile``: also
+    write a torch.profiler table per timed layer candidate to ``out_dir/profile/CASE__CANDIDATE.txt``."""
     from .. import parallel
 
     unknown = [n for n in names if n not in CASES]
@@ -159,7 +186,8 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
                 destroy_moe_metrics_tracker()
                 models = _Models(shape, dev)
             case = LAYER_CASES[name](shape, dev, models)
-            report["cases"][name] = run_layer_case(case, warmup=warmup, reps=reps, device=dev, matmul=matmul)
+            report["cases"][name] = run_layer_case(case, warmup=warmup, reps=reps, device=dev, matmul=matmul,
+                                                   profile_dir=Path(out_dir) / "profile" if profile else None)
             del case
         except Exception as e:
             log.exception("benchmark %s failed", name)

@@ -15,6 +15,8 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--batch", type=int, help="batch size (default 4; train-step 2)")
     p.add_argument("--seq", type=int, help="sequence length (default 4096)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write a torch.profiler table per timed layer candidate to OUT/profile/")
     p.set_defaults(func=_run)
 
 
@@ -22,7 +24,7 @@ def _run(args) -> int:
     from ..bench.runner import CASES, run
 
     report = run(args.cases or list(CASES), out_dir=args.out, size=args.size, warmup=args.warmup, reps=args.reps,
-                 batch=args.batch, seq=args.seq, device=args.device)
+                 batch=args.batch, seq=args.seq, device=args.device, profile=args.profile)
     from ..bench.runner import markdown
 
     print(markdown(report))

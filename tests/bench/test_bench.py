@@ -15,7 +15,7 @@ def _run_small(rank, out_dir):
     from qwen3_next_mcore.bench import run
 
     return run(["gdn-kernel", "gdn-layer", "attention-layer", "moe-block"], out_dir=out_dir, size="small",
-               warmup=0, reps=1)
+               warmup=0, reps=1, profile=True)
 
 
 def test_small_run_checks_and_times_every_available_candidate(tmp_path):
@@ -39,6 +39,10 @@ def test_small_run_checks_and_times_every_available_candidate(tmp_path):
     md = (tmp_path / "bench_small.md").read_text()
     assert "## gdn-layer" in md and "| ours |" in md
     assert not list(tmp_path.glob("*.tmp"))
+    # one profiler table per timed candidate, naming the operators that ran
+    tables = {p.name: p.read_text() for p in (tmp_path / "profile").glob("*.txt")}
+    assert len(tables) == sum(len(c) for c in expected.values()), sorted(tables)
+    assert "aten::mm" in tables["moe_block__ours__grouped_GEMM_experts.txt"]
 
 
 def test_a_wrong_candidate_is_refused_and_not_timed():
