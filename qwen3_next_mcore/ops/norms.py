@@ -3,7 +3,10 @@
 * ``zero_centered_rms_norm``: ``x * rsqrt(mean(x^2) + eps) * (1 + w)``, every norm but the GDN output one.
 * ``gated_rms_norm``: ``w * (x * rsqrt(mean(x^2) + eps)) * silu(gate)``, the GDN output norm (w starts at 1).
 
-Both compute in fp32 (fp64 for fp64 inputs) and round once, at the end, to x.dtype. transformers'
+Both compute in fp32 (fp64 for fp64 inputs) and round once, at the end, to x.dtype. On CUDA the
+zero-centred norm runs as ``torch.compile`` of the same function (one fused kernel forward and one
+backward instead of about ten elementwise passes: 3.4x faster for [16384, 2048] bf16 on an H100); the
+gated norm runs fla's fused kernel. transformers'
 ``Qwen3NextRMSNormGated`` rounds the normalised x to the input dtype before the weight multiply; we do
 not, because fla's fused kernel (our CUDA path) does not either, and the CPU and GPU paths should agree.
 In fp32 both match transformers exactly; in bf16 they differ from it by about one bf16 rounding.
@@ -11,10 +14,12 @@ In fp32 both match transformers exactly; in bf16 they differ from it by about on
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from .backends import env_for, norm_backend_report, resolve
+from .backends import env_for, norm_backend_report, resolve, zc_norm_backend_report
 
 
 def _dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -28,13 +33,27 @@ def _rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Zero-centred RMSNorm: x ``[..., D]``, weight ``[D]`` (stored as w, applied as 1 + w).
-
-    Returns ``[..., D]`` in x.dtype, computed in fp32 (fp64 for fp64 inputs) and cast once.
-    """
+def _torch_zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = _dtype(x, weight)
     return (_rms_normalise(x.to(dtype), eps) * (1 + weight.to(dtype))).to(x.dtype)
+
+
+@functools.cache
+def _compiled_zero_centered_rms_norm():
+    return torch.compile(_torch_zero_centered_rms_norm, dynamic=None)
+
+
+def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                           backend: str | None = None) -> torch.Tensor:
+    """Zero-centred RMSNorm: x ``[..., D]``, weight ``[D]`` (stored as w, applied as 1 + w).
+
+    backend: None/"auto" (CPU -> "torch"; CUDA -> "compile"), "torch" (eager) or "compile"
+    (``torch.compile`` of the eager function: the same math fused by Inductor). Returns ``[..., D]`` in
+    x.dtype, computed in fp32 (fp64 for fp64 inputs) and cast once.
+    """
+    name = resolve(zc_norm_backend_report(env_for(x), backend))
+    impl = _compiled_zero_centered_rms_norm() if name == "compile" else _torch_zero_centered_rms_norm
+    return impl(x, weight, eps)
 
 
 def _torch_gated_rms_norm(x, gate, weight, eps):

@@ -218,3 +218,23 @@ def test_gated_norm_fla_matches_torch(rel, dtype):
     errs = [rel(a, r) for a, r in zip(outs["fla"], outs["torch"])]
     print(f"gated norm fla {dtype}: y, dx, dgate, dw = " + ", ".join(f"{e:.1e}" for e in errs))
     assert max(errs) < (1e-5 if dtype == torch.float32 else 1e-2), errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_centered_norm_compiled_on_cuda(rel, dtype):
+    """CUDA's default zero-centred norm (torch.compile, Triton) against the eager one at layer widths."""
+    from qwen3_next_mcore.ops import zero_centered_rms_norm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for shape in ((512, 2, 2048), (512, 2, 16, 256)):
+        x = (3 * torch.randn(*shape, generator=gen, device="cuda")).to(dtype).requires_grad_()
+        w = (0.2 * torch.randn(shape[-1], generator=gen, device="cuda")).to(dtype).requires_grad_()
+        dy = torch.randn(shape, generator=gen, device="cuda")
+        outs = {}
+        for name in (None, "torch"):
+            y = zero_centered_rms_norm(x, w, 1e-6, backend=name)
+            assert y.dtype == dtype
+            outs[name] = (y, *torch.autograd.grad((y.float() * dy).sum(), (x, w)))
+        errs = [rel(a, r) for a, r in zip(outs[None], outs["torch"])]
+        print(f"zero-centred norm compile {dtype} {shape}: y, dx, dw = " + ", ".join(f"{e:.1e}" for e in errs))
+        assert max(errs) < (1e-5 if dtype == torch.float32 else 1e-2), errs
