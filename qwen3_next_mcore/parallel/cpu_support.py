@@ -14,9 +14,10 @@ adjustment is a narrow replacement of one megatron-core function or object, list
    on CPU it keeps it where it is (the rest of the function is unchanged).
 6. Some megatron-core modules allocate small bookkeeping tensors on ``device="cuda"`` or
    ``torch.cuda.current_device()`` (pipeline schedules, p2p communication, the MTP loss tracker, the MoE
-   router's aux-loss tracker, tensor-parallel gather/scatter buffers) and call ``torch.cuda.synchronize()``; exactly those modules (listed in
+   router's aux-loss tracker, tensor-parallel gather/scatter buffers) and call ``torch.cuda.synchronize()``
+   or use a side stream (the all-to-all token dispatcher); exactly those modules (listed in
    ``_CUDA_BOOKKEEPING_MODULES``) see a ``torch`` whose ``zeros``/``empty`` map a CUDA device to the CPU and whose ``cuda``
-   answers ``current_device()`` with the CPU and makes ``synchronize()`` a no-op. Everything else is
+   answers ``current_device()`` with the CPU, makes ``synchronize()`` a no-op and its streams inert. Everything else is
    torch itself.
 8. ``optimizer.clip_grad_by_total_norm_fp32`` asserts CUDA gradient types; on CPU the same scaling
    (``grad *= min(1, max_norm / (total_norm + 1e-6))``) runs on fp32 CPU gradients. megatron-core's
@@ -165,6 +166,9 @@ class _InertStream:
     def synchronize(self):
         return None
 
+    def record_event(self, *args, **kwargs):
+        return self  # an event whose synchronize() returns at once
+
 
 class _CpuCuda:
     """``torch.cuda`` as megatron's schedules, DDP and checkpoint writer use it, answered for a CPU run."""
@@ -177,6 +181,12 @@ class _CpuCuda:
 
     def current_stream(self, *args, **kwargs):
         return _InertStream()
+
+    def Stream(self, *args, **kwargs):  # noqa: N802 - torch.cuda.Stream
+        return _InertStream()
+
+    def stream(self, *args, **kwargs):
+        return contextlib.nullcontext()
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -213,6 +223,7 @@ _CUDA_BOOKKEEPING_MODULES = (
     "megatron.core.transformer.multi_token_prediction",
     "megatron.core.transformer.moe.router",
     "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",  # the all-to-all dispatcher's device-to-host stream
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.utils",  # GlobalMemoryBuffer (the sequence-parallel all-gather buffer)

@@ -1,7 +1,7 @@
 """The layer specs of Qwen3-Next for megatron-core's ``HybridModel``, for two backends.
 
 - ``local`` (always available): megatron-core's own parallel linears, our zero-centred RMSNorm, our Gated
-  DeltaNet, SDPA core attention, megatron-core's ``MoELayer`` with its local experts. Runs on CPU.
+  DeltaNet, SDPA core attention, megatron-core's ``MoELayer`` (as :class:`Qwen3NextMoELayer`) with grouped-GEMM experts. Runs on CPU.
 - ``te`` (when Transformer Engine is installed): the same modules with Transformer Engine linears and
   core attention. Parameter names are the same for every slot whose module is only swapped for its TE
   twin (``weight`` stays ``weight``); the checkpoint keys (``sharded_state_dict``) are identical, which is
@@ -13,6 +13,7 @@ attention, with the input norm) and its MoE block (``E``, with the post-attentio
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -37,6 +38,7 @@ from megatron.core.transformer.transformer_layer import (
 from ..config import Qwen3NextConfig
 from ..layers.core_attention import SDPACoreAttention
 from ..layers.grouped_experts import GroupedGemmExperts
+from ..layers.moe import Qwen3NextMoELayer, Qwen3NextRouter
 from ..layers.gated_deltanet import GatedDeltaNetSubmodules, Qwen3NextGatedDeltaNet
 from ..layers.hybrid_stack import Qwen3NextHybridStack
 from ..layers.norms import GatedRMSNorm, ZeroCenteredRMSNorm
@@ -75,18 +77,19 @@ def hybrid_layer_pattern(config: Qwen3NextConfig, pipeline_parallel: int = 1) ->
 
 
 def _moe_spec(config: Qwen3NextConfig, backend: Backend, experts: str):
-    """megatron-core's MoE layer; routed experts: ``grouped`` (:class:`GroupedGemmExperts`, local
-    backend default), ``sequential`` (megatron's per-expert loop) or, with ``te``, TE's grouped MLP."""
+    """megatron-core's MoE layer as :class:`Qwen3NextMoELayer` (its router GEMM and token permutation
+    made faster, same math); routed experts: ``grouped`` (:class:`GroupedGemmExperts`, local backend
+    default), ``sequential`` (megatron's per-expert loop) or, with ``te``, TE's grouped MLP."""
     import dataclasses
 
+    if experts not in ("grouped", "sequential"):
+        raise ValueError(f"experts={experts!r}: expected 'grouped' or 'sequential'")
     spec = get_moe_module_spec(use_te=backend == "te", num_experts=config.num_experts,
                                moe_grouped_gemm=backend == "te")
+    sub = dataclasses.replace(spec.keywords["submodules"], router=Qwen3NextRouter)
     if backend == "local" and experts == "grouped":
-        sub = dataclasses.replace(spec.keywords["submodules"], experts=GroupedGemmExperts)
-        spec = type(spec)(spec.func, *spec.args, **{**spec.keywords, "submodules": sub})
-    elif experts not in ("grouped", "sequential"):
-        raise ValueError(f"experts={experts!r}: expected 'grouped' or 'sequential'")
-    return spec
+        sub = dataclasses.replace(sub, experts=GroupedGemmExperts)
+    return functools.partial(Qwen3NextMoELayer, *spec.args, **{**spec.keywords, "submodules": sub})
 
 
 def get_qwen3_next_stack_spec(config: Qwen3NextConfig, backend: Backend = "local",

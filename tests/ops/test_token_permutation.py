@@ -1,0 +1,61 @@
+"""Our dropless token permutation against megatron-core's ``permute``/``unpermute`` (fp64, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer.moe.moe_utils import permute, unpermute
+
+from qwen3_next_mcore.ops.token_permutation import permute_tokens, sort_by_expert, unpermute_tokens
+
+
+def _routing(T, E, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    p, idx = torch.randn(T, E, generator=g).softmax(-1).topk(k)
+    routing_map = torch.zeros(T, E, dtype=torch.bool).scatter_(1, idx, True)
+    return routing_map, torch.zeros(T, E, dtype=torch.float64).scatter_(1, idx, p.double())
+
+
+@pytest.mark.parametrize("T,E,k", [(37, 16, 3), (64, 8, 1), (5, 4, 4)])
+def test_same_rows_order_and_gradients_as_megatron(T, E, k):
+    routing_map, probs = _routing(T, E, k, seed=T)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(T * k, 6, generator=g, dtype=torch.float64)  # stands in for the expert computation
+    dy = torch.randn(T, 6, generator=g, dtype=torch.float64)
+
+    rows_ref, probs_ref, sorted_ref, _, _ = permute(x, routing_map, probs=probs, num_out_tokens=T * k)
+    y_ref = unpermute(rows_ref * w, sorted_ref, x.shape, routing_map=routing_map)
+    (dx_ref,) = torch.autograd.grad((y_ref * dy).sum(), x)
+
+    rows, row_probs, perm = permute_tokens(x, routing_map, probs, k)
+    y = unpermute_tokens(rows * w, perm)
+    (dx,) = torch.autograd.grad((y * dy).sum(), x)
+
+    assert torch.equal(rows, rows_ref) and torch.equal(row_probs, probs_ref)
+    assert torch.equal(perm.sorted_tokens, sorted_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-15, atol=1e-15)
+    # each token's k rows hold that token
+    assert torch.equal(perm.sorted_tokens[perm.slot_rows], torch.arange(T).unsqueeze(1).expand(T, k))
+
+
+def test_bf16_combine_rounds_once():
+    """The combine sums a token's copies in fp32 and rounds once: within one bf16 rounding of the fp64
+    sum, and never further from it than megatron-core's bf16 scatter_add (equal on CPU; CUDA's bf16
+    atomics round after every add)."""
+    T, E, k = 256, 64, 10
+    routing_map, _ = _routing(T, E, k, seed=3)
+    rows = torch.randn(T * k, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    perm, _ = sort_by_expert(routing_map, k)
+    exact = unpermute_tokens(rows.double(), perm)
+    ours = unpermute_tokens(rows, perm)
+    ref = unpermute(rows, perm.sorted_tokens, torch.Size((T, 128)))
+    err = lambda y: float((y.double() - exact).norm() / exact.norm())  # noqa: E731
+    assert ours.dtype == torch.bfloat16 and err(ours) < 2**-8
+    assert err(ours) <= err(ref), (err(ours), err(ref))
+
+
+def test_bad_routing_map():
+    with pytest.raises(ValueError, match="bool tensor"):
+        sort_by_expert(torch.zeros(4, 3), 1)
