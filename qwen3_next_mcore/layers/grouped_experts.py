@@ -7,11 +7,17 @@ checkpoint keys (per expert, as ``SequentialMLP`` writes them), but one grouped 
 instead of a Python loop over experts, and no Transformer Engine. This is the expert computation of the
 ``local`` backend on CPU and GPU.
 
+The SwiGLU and the routing-probability scaling run as megatron-core's fused ``weighted_bias_swiglu_impl``
+on CUDA (``torch.compile``: one kernel forward and one backward over the [rows, 2F] projection, and only
+that projection saved for the backward) and as plain torch ops on CPU (``fused_activation`` overrides).
+
 Parameters (this rank): ``weight1`` [E_local, 2F/etp, H] (each expert's ``linear_fc1.weight``, [gate; up]
 rows) and ``weight2`` [E_local, H, F/etp] (``linear_fc2.weight``).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +27,19 @@ from torch import nn
 
 
 _EXTRA = "local_experts.{e}.{lin}._extra_state"
+log = logging.getLogger(__name__)
+_LOGGED: set[tuple] = set()
 
 # torch >= 2.10 exposes F.grouped_mm; 2.8/2.9 only the private op with the same contract
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
 class GroupedGemmExperts(MegatronModule):
-    """forward(x [T, H] grouped by expert, tokens_per_expert [E_local], probs [T]) -> ([T, H], None)."""
+    """forward(x [T, H] grouped by expert, tokens_per_expert [E_local], probs [T]) -> ([T, H], None).
+
+    ``fused_activation``: None (fused on CUDA, plain torch on CPU), True or False."""
+
+    fused_activation: bool | None = None
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None, **_):
         super().__init__(config=config)
@@ -61,9 +73,19 @@ class GroupedGemmExperts(MegatronModule):
         x = permuted_local_hidden_states
         offs = torch.cumsum(tokens_per_expert.to(device=x.device), 0).to(torch.int32)
         h = _grouped_mm(x, self.weight1.transpose(1, 2), offs=offs)  # [T, 2F]
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate) * up
-        act = (act.float() * permuted_probs.unsqueeze(-1).float()).to(act.dtype)
+        fused = x.is_cuda if self.fused_activation is None else self.fused_activation
+        if (fused, x.device.type) not in _LOGGED:  # once per process and choice
+            _LOGGED.add((fused, x.device.type))
+            log.info("grouped experts: SwiGLU x probs %s", "fused (megatron-core weighted_bias_swiglu_impl, "
+                     "torch.compile)" if fused else "in plain torch ops")
+        if fused:
+            from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+            act = weighted_bias_swiglu_impl(h, None, permuted_probs.unsqueeze(-1).float())
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            act = (act.float() * permuted_probs.unsqueeze(-1).float()).to(act.dtype)
         out = _grouped_mm(act, self.weight2.transpose(1, 2), offs=offs)  # [T, H]
         return out, None
 
