@@ -4,8 +4,8 @@
 #   bash scripts/gpu_checks.sh OUTDIR PART... [-- TRAIN ARGS...]
 # PARTs: tests (gpu-marked tests), bench (all benchmark cases), train (50 bf16 proxy steps),
 #        parallel (per-step losses at TP=2 and EP=2 against one GPU; needs 2 GPUs).
-# Limits per part (seconds): TESTS_S, BENCH_S, TRAIN_S, PARALLEL_S (defaults below); BENCH_ARGS: benchmark
-# cases and options (default: all cases).
+# TESTS: the gpu-test paths (default tests/ops tests/model). Limits per part (seconds): TESTS_S, BENCH_S, TRAIN_S, PARALLEL_S (defaults below); BENCH_ARGS: benchmark
+# cases and options (default: all cases); PARALLEL_LAYOUTS: layouts of the parallel part (default tp2 ep2).
 # Carry .gpu-wheels/site.tar.xz and .gpu-data (tokenizer + tokenised c4 sample, kernel caches).
 set -uo pipefail
 out=${1:?OUTDIR}; shift
@@ -22,14 +22,16 @@ rc=0
 for part in "${parts[@]}"; do
   case $part in
     tests) timeout "${TESTS_S:-400}" python3 -m pytest -q -rs -s -m gpu -o addopts="" -p no:cacheprovider \
-             tests/ops tests/model 2>&1 | quiet | tee "$out/gpu_tests.log" ;;
-    bench) timeout "${BENCH_S:-480}" python3 -m benchmarks.run --out "$out" ${BENCH_ARGS:-} 2>&1 | quiet | tee "$out/bench.log" ;;
+             ${TESTS:-tests/ops tests/model} 2>&1 | quiet | tee "$out/gpu_tests.log" ;;
+    bench) timeout "${BENCH_S:-480}" python3 -m benchmarks.run --out "$out" ${BENCH_ARGS:-} 2>&1 | quiet | tee "$out/bench.log"
+           # the profiler tables (--profile) come back as one archive: the device returns few files
+           [ -d "$out/profile" ] && tar -czf "$out/profile.tar.gz" -C "$out" profile && rm -rf "$out/profile" ;;
     train) timeout "${TRAIN_S:-300}" python3 -m qwen3_next_mcore train --preset proxy --tokenizer /tmp/gd/tok \
              --data-path /tmp/gd/data/c4_text_document --split 100,0,0 --seq-length 4096 --micro-batch-size 1 \
              --global-batch-size 2 --train-iters 50 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --bf16 \
              --log-json "$out/train.jsonl" "$@" 2>&1 | grep "iteration\|Error\|error\|trained" | tee "$out/train.log" ;;
     parallel) timeout "${PARALLEL_S:-480}" python3 scripts/parallel_losses.py --out "$out/parallel" --hf-dir /tmp/pl_hf --preset proxy \
-             --experts 16 --steps 20 --bf16 --layouts tp2 ep2 --data-path /tmp/gd/data/c4_text_document \
+             --experts 16 --steps 20 --bf16 --layouts ${PARALLEL_LAYOUTS:-tp2 ep2} --data-path /tmp/gd/data/c4_text_document \
              --tokenizer /tmp/gd/tok 2>&1 | quiet | tail -40 | tee "$out/parallel.log" ;;
     *) echo "unknown part $part (tests, bench, train, parallel)"; rc=2; continue ;;
   esac

@@ -138,12 +138,14 @@ class Qwen3NextGatedDeltaNet(MegatronModule):
                 raise ValueError(f"packed sequences need micro-batch 1 in the thd layout, got batch {B}")
             cu_seqlens = packed_seq_params.cu_seqlens_q
 
+        # torch.split, not slicing: its backward writes the parts' gradients into one tensor (a cat)
+        # where each slice's backward would allocate, zero and fill a full-size gradient
         qkvz_bt = qkvz_sb.transpose(0, 1).view(B, S, G, 2 * dk + 2 * r * dv)
-        mixed_bt = qkvz_bt[..., : self.group_conv].reshape(B, S, G * self.group_conv)
-        z_bt = qkvz_bt[..., self.group_conv:].reshape(B, S, G * r, dv)
-        ba_bt = ba_sb.transpose(0, 1).view(B, S, G, 2 * r)
-        b_bt = ba_bt[..., :r].reshape(B, S, G * r)
-        a_bt = ba_bt[..., r:].reshape(B, S, G * r)
+        mixed_bt, z_bt = torch.split(qkvz_bt, [self.group_conv, r * dv], dim=-1)
+        mixed_bt = mixed_bt.reshape(B, S, G * self.group_conv)
+        z_bt = z_bt.reshape(B, S, G * r, dv)
+        b_bt, a_bt = torch.split(ba_sb.transpose(0, 1).view(B, S, G, 2 * r), [r, r], dim=-1)
+        b_bt, a_bt = b_bt.reshape(B, S, G * r), a_bt.reshape(B, S, G * r)
 
         mixed_bt = causal_conv1d(mixed_bt, self.conv1d_weight.squeeze(1), activation="silu",
                                  cu_seqlens=cu_seqlens, backend=self.backend.get("conv"))
