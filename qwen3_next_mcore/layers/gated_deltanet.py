@@ -149,10 +149,8 @@ class Qwen3NextGatedDeltaNet(MegatronModule):
 
         mixed_bt = causal_conv1d(mixed_bt, self.conv1d_weight.squeeze(1), activation="silu",
                                  cu_seqlens=cu_seqlens, backend=self.backend.get("conv"))
-        mixed_bt = mixed_bt.view(B, S, G, self.group_conv)
-        q_bthk = mixed_bt[..., :dk]
-        k_bthk = mixed_bt[..., dk: 2 * dk]
-        v_bthv = mixed_bt[..., 2 * dk:].reshape(B, S, G * r, dv)
+        q_bthk, k_bthk, v_bthv = torch.split(mixed_bt.view(B, S, G, self.group_conv), [dk, dk, r * dv], dim=-1)
+        v_bthv = v_bthv.reshape(B, S, G * r, dv)
 
         if self.backend.get("gva") == "repeat" and r > 1:  # one q/k head per value head (benchmarks)
             q_bthk, k_bthk = (x.repeat_interleave(r, dim=2) for x in (q_bthk, k_bthk))
@@ -166,7 +164,7 @@ class Qwen3NextGatedDeltaNet(MegatronModule):
             o_bthv, _ = gated_delta_rule(q_bthk, k_bthk, v_bthv, g=g, beta=beta, use_qk_l2norm=True,
                                          cu_seqlens=cu_seqlens, backend=self.backend.get("gdn"))
         o_bthv = self.out_norm(o_bthv, z_bt)
-        o_sb = o_bthv.reshape(B, S, G * r * dv).transpose(0, 1)
+        o_sb = o_bthv.reshape(B, S, G * r * dv).transpose(0, 1).contiguous()  # one copy, not one per GEMM
         out, bias = self.out_proj(o_sb)
         return out, bias
 

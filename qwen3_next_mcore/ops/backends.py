@@ -33,7 +33,7 @@ AUTO = (None, "auto")
 GDN_BACKENDS = ("torch", "naive", "fla")
 CONV_BACKENDS = ("torch", "causal_conv1d", "fla")
 NORM_BACKENDS = ("torch", "fla")
-ZC_NORM_BACKENDS = ("torch", "compile")
+COMPILED_OP_BACKENDS = ("torch", "compile")
 
 # Triton range with the Hopper miscompile of fla's gated backward (fixed in Triton 3.7.1)
 TRITON_BAD_MIN, TRITON_FIXED = Version("3.4.0"), Version("3.7.1")
@@ -273,13 +273,13 @@ def norm_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
     return {**report, "backend": "fla"}
 
 
-def zc_norm_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
-    """Decide the zero-centred RMSNorm backend: ``backend`` ("torch" | "compile"), ``error`` (None).
-    Automatic: eager torch on CPU, ``torch.compile`` (Inductor's Triton kernels) on CUDA. "compile"
-    may be asked for on CPU too (Inductor's C++ kernels; the tests use it)."""
-    _check_requested(requested, ZC_NORM_BACKENDS, "zero_centered_rms_norm")
-    report = {"op": "zero_centered_rms_norm", "requested": requested, **_versions(env), "backend": None,
-              "error": None}
+def compiled_op_backend_report(op: str, env: KernelEnv, requested: str | None = None) -> dict:
+    """Backend of an op whose fast form is ``torch.compile`` of its eager code (the zero-centred norm,
+    the MoE combine): ``backend`` ("torch" | "compile"), ``error`` (None). Automatic: eager torch on
+    CPU, ``torch.compile`` (Inductor's Triton kernels) on CUDA. "compile" may be asked for on CPU too
+    (Inductor's C++ kernels; the tests use it)."""
+    _check_requested(requested, COMPILED_OP_BACKENDS, op)
+    report = {"op": op, "requested": requested, **_versions(env), "backend": None, "error": None}
     if requested in AUTO:
         return {**report, "backend": "compile" if env.device == "cuda" else "torch"}
     return {**report, "backend": requested}

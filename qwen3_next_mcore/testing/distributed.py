@@ -6,7 +6,9 @@ Used by the test suite to exercise TP/EP/PP/CP on a CPU machine::
 
 Processes come from a ``forkserver`` that has torch and megatron-core preloaded: a plain fork of a
 process that already ran gloo or OpenMP threads can deadlock, and a spawn re-imports megatron-core in
-seconds per process. ``fn`` must therefore be importable (a module-level function). Each process gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT like torchrun sets them.
+seconds per process. Where CUDA is available the processes are spawned instead: importing megatron-core
+there initialises CUDA in the forkserver, and a forked child cannot use CUDA after that. ``fn`` must
+therefore be importable (a module-level function). Each process gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT like torchrun sets them.
 A failure on any rank raises in the caller with that rank's traceback.
 """
 
@@ -57,9 +59,14 @@ def run_distributed(
     kwargs: dict | None = None,
     timeout: float = 600.0,
 ) -> list[Any]:
-    """Run ``fn(rank, *args, **kwargs)`` on ``world_size`` forked processes; return results by rank."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "megatron.core", "qwen3_next_mcore.parallel"])
+    """Run ``fn(rank, *args, **kwargs)`` on ``world_size`` processes; return results by rank."""
+    import torch
+
+    if torch.cuda.is_available():
+        ctx = mp.get_context("spawn")
+    else:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "megatron.core", "qwen3_next_mcore.parallel"])
     queue = ctx.Queue()
     port = _free_port()
     procs = [
