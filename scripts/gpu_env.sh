@@ -19,8 +19,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 # results are what a cache hit needs); put it at .gpu-data/kcache.tar.xz here and carry .gpu-data.
 # Triton's cache groups hold absolute paths: the checkout must sit at the same path on both machines.
 if [ -f .gpu-data/kcache.tar.xz ] && [ ! -d .gpu-cache/triton ]; then tar -xJf .gpu-data/kcache.tar.xz -C "$PWD"; fi
-mkdir -p "$PWD/.gpu-cache/triton" "$PWD/.gpu-cache/tilelang"
+mkdir -p "$PWD/.gpu-cache/triton" "$PWD/.gpu-cache/tilelang" "$PWD/.gpu-cache/inductor"
 export TRITON_CACHE_DIR=$PWD/.gpu-cache/triton TILELANG_CACHE_DIR=$PWD/.gpu-cache/tilelang
+export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu-cache/inductor  # torch.compile's graphs and kernels
 gpu_cache_pack() {
   find "$PWD/.gpu-cache/triton" -type f \( -name '*.llir' -o -name '*.ptx' -o -name '*.ttir' -o -name '*.ttgir' \
     -o -name '*.source' \) -delete

@@ -239,17 +239,3 @@ def test_zero_centered_norm_compiled_on_cuda(rel, dtype):
         print(f"zero-centred norm compile {dtype} {shape}: y, dx, dw = " + ", ".join(f"{e:.1e}" for e in errs))
         assert max(errs) < (1e-5 if dtype == torch.float32 else 1e-2), errs
 
-
-def test_moe_sum_copies_compiled_on_cuda(rel):
-    """CUDA's default MoE combine (gather fused into the sum by torch.compile) against the eager one."""
-    from qwen3_next_mcore.ops.token_permutation import sort_by_expert, sum_copies
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    T, E, k = 4096, 512, 10
-    idx = torch.rand(T, E, generator=gen, device="cuda").topk(k).indices
-    perm, _ = sort_by_expert(torch.zeros(T, E, dtype=torch.bool, device="cuda").scatter_(1, idx, True), k)
-    rows = torch.randn(T * k, 2048, generator=gen, device="cuda").to(torch.bfloat16)
-    fused, eager = (sum_copies(rows, perm.slot_rows, backend=b) for b in (None, "torch"))
-    err = rel(fused, eager)
-    print(f"moe sum_copies compile vs torch (bf16): {err:.1e}")
-    assert fused.dtype == torch.bfloat16 and err < 4e-3
