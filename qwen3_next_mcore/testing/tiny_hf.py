@@ -7,6 +7,7 @@ checkpoints' naming, and :class:`HFMTPReference` computes spec 3.6 with transfor
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -44,33 +45,54 @@ def mtp_tensors(config: Qwen3NextConfig, seed: int = 1, dtype=torch.float32) -> 
 
 def make_hf_checkpoint(config: Qwen3NextConfig, directory, seed: int = 0, dtype=torch.float32,
                        max_shard_size: str | None = None):
-    """Write a random checkpoint with ``save_pretrained`` plus MTP tensors; returns the HF model."""
-    from safetensors.torch import load_file, save_file
+    """Write a random checkpoint with ``save_pretrained`` plus MTP tensors; returns the HF model.
+
+    Written in a temporary sibling folder and moved into ``directory`` file by file, ``config.json``
+    last: a run that dies midway leaves no ``config.json`` there, so nothing takes it for a checkpoint."""
+    import shutil
 
     directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model, mtp = _write_hf_checkpoint(config, tmp, seed, dtype, max_shard_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").unlink(missing_ok=True)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
+        os.replace(f, directory / f.name)
+    tmp.rmdir()
+    model.mtp_state = mtp
+    return model
+
+
+def _write_hf_checkpoint(config, tmp: Path, seed, dtype, max_shard_size):
+    from safetensors.torch import load_file, save_file
+
     model = hf_model(config, seed, dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(directory, **kwargs)
+    model.save_pretrained(tmp, **kwargs)
     mtp = mtp_tensors(config, seed + 1, dtype) if config.mtp_num_layers else {}
     if mtp:
-        index = directory / "model.safetensors.index.json"
+        index = tmp / "model.safetensors.index.json"
         if index.is_file():
-            save_file(mtp, str(directory / "model-mtp.safetensors"), metadata={"format": "pt"})
+            save_file(mtp, str(tmp / "model-mtp.safetensors"), metadata={"format": "pt"})
             data = json.loads(index.read_text())
             data["weight_map"].update({k: "model-mtp.safetensors" for k in mtp})
             index.write_text(json.dumps(data, indent=2))
         else:
-            path = directory / "model.safetensors"
+            path = tmp / "model.safetensors"
             tensors = load_file(str(path))
             tensors.update(mtp)
             save_file(tensors, str(path), metadata={"format": "pt"})
     # the MTP count travels in config.json, as our converter writes it
-    cfg_path = directory / "config.json"
+    cfg_path = tmp / "config.json"
     data = json.loads(cfg_path.read_text())
     data["num_nextn_predict_layers"] = config.mtp_num_layers
     cfg_path.write_text(json.dumps(data, indent=2))
-    model.mtp_state = mtp
-    return model
+    return model, mtp
 
 
 class HFMTPReference(torch.nn.Module):
