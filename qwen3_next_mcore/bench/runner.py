@@ -193,13 +193,15 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
             log.exception("benchmark %s failed", name)
             report["cases"][name] = {"error": f"{type(e).__name__}: {e}"}
         gc.collect()
+        _write_report(report, Path(out_dir), size)  # after every case: a run cut short keeps what it measured
     parallel.destroy()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_{size}"
-    _atomic_write(out / f"{stem}.json", json.dumps(report, indent=1, default=str))
-    _atomic_write(out / f"{stem}.md", markdown(report))
     return report
+
+
+def _write_report(report: dict, out: Path, size: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / f"bench_{size}.json", json.dumps(report, indent=1, default=str))
+    _atomic_write(out / f"bench_{size}.md", markdown(report))
 
 
 def _atomic_write(path: Path, text: str) -> None:
