@@ -25,7 +25,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import nn
 
-
 _EXTRA = "local_experts.{e}.{lin}._extra_state"
 log = logging.getLogger(__name__)
 _LOGGED: set[tuple] = set()
@@ -101,7 +100,11 @@ class GroupedGemmExperts(MegatronModule):
         """``SequentialMLP``'s keys and global tensors ([E, 2F, H] for fc1 as [gate; up], [E, H, F] for
         fc2), with this rank's stacked parameters as the chunks, so optimizer state maps by identity and
         checkpoints interchange with ``SequentialMLP`` models at any layout."""
-        from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+        from megatron.core.dist_checkpointing.mapping import (
+            ShardedObject,
+            ShardedTensor,
+            ShardedTensorFactory,
+        )
 
         if sharded_offsets:
             raise ValueError("GroupedGemmExperts does not support extra sharded offsets (virtual pipeline)")

@@ -75,7 +75,7 @@ def test_bf16_router_gemm_matches_the_fp32_gemm():
         assert logits.dtype == torch.float32
         (logits * dl).sum().backward()
         out[name] = (logits.detach(), a.grad, b.grad)
-    rel = lambda p, q: float((p.double() - q.double()).norm() / q.double().norm())  # noqa: E731
+    rel = lambda p, q: float((p.double() - q.double()).norm() / q.double().norm())
     errs = [rel(p, q) for p, q in zip(out["ours"], out["fp32"])]
     print("router GEMM logits, dx, dw rel errors:", ", ".join(f"{e:.1e}" for e in errs))
     assert errs[0] < 1e-5 and max(errs[1:]) < 1e-2, errs
@@ -111,7 +111,7 @@ def _experts_fused_vs_plain(rank):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_expert_activation_matches_plain_torch():
     out = run_distributed(_experts_fused_vs_plain, 1)[0]
-    rel = lambda p, q: float((p.double() - q.double()).norm() / q.double().norm())  # noqa: E731
+    rel = lambda p, q: float((p.double() - q.double()).norm() / q.double().norm())
     errs = [rel(a, b) for a, b in zip(out[True], out[False])]
     print("grouped experts fused vs plain (y, dx, dprobs, dw1, dw2):", ", ".join(f"{e:.1e}" for e in errs))
     assert max(errs) < 1e-2, errs  # the fused kernel rounds once where the plain ops round per op
