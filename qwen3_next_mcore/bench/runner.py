@@ -139,12 +139,14 @@ def run_layer_case(case: Case, *, warmup: int, reps: int, device: torch.device, 
 
 def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: str = "full", warmup: int = 5,
         reps: int = 20, batch: int | None = None, seq: int | None = None, device: str | None = None,
-        profile: bool = False) -> dict:
+        profile: bool = False, train_step_modes: tuple[str, ...] | None = None) -> dict:
     """Run the cases ``names`` (see :data:`CASES`) and write ``out_dir/bench_<size>.json`` and ``.md``.
 
     ``size``: ``full`` (80B widths, B=4 x T=4096 bf16 for the layers; train-step B=2 x T=4096 on the
     proxy preset) or ``small`` (toy widths in fp32: a CPU run of the runner itself). ``profile``: also
-    write a torch.profiler table per timed layer candidate to ``out_dir/profile/CASE__CANDIDATE.txt``."""
+    write a torch.profiler table per timed layer candidate to ``out_dir/profile/CASE__CANDIDATE.txt``.
+    ``train_step_modes``: our memory modes timed by ``train-step`` (default: all of
+    :data:`~qwen3_next_mcore.bench.train_step.RECOMPUTE_MODES`; transformers always runs)."""
     from .. import parallel
 
     unknown = [n for n in names if n not in CASES]
@@ -178,7 +180,7 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
                 report["cases"][name] = run_train_step(
                     "tiny" if small else "proxy", {"vocab_size": 1024} if small else {}, batch=batch or 2,
                     seq=shape.seq, dtype=shape.dtype, device=dev, warmup=max(warmup // 2, 2),
-                    reps=max(reps // 2, 3))
+                    reps=max(reps // 2, 3), **({"modes": tuple(train_step_modes)} if train_step_modes else {}))
                 continue
             if models is None and name != "gdn-kernel":
                 from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker

@@ -17,6 +17,8 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--profile", action="store_true",
                    help="also write a torch.profiler table per timed layer candidate to OUT/profile/")
+    p.add_argument("--train-step-modes", nargs="+", choices=["none", "selective", "full", "offload"],
+                   help="our memory modes in the train-step case (default: all four; transformers always runs)")
     p.set_defaults(func=_run)
 
 
@@ -24,7 +26,8 @@ def _run(args) -> int:
     from ..bench.runner import CASES, run
 
     report = run(args.cases or list(CASES), out_dir=args.out, size=args.size, warmup=args.warmup, reps=args.reps,
-                 batch=args.batch, seq=args.seq, device=args.device, profile=args.profile)
+                 batch=args.batch, seq=args.seq, device=args.device, profile=args.profile,
+                 train_step_modes=args.train_step_modes)
     from ..bench.runner import markdown
 
     print(markdown(report))
