@@ -7,8 +7,10 @@
 - :class:`ExpertSortedAlltoAllDispatcher`: megatron-core's all-to-all token dispatcher with the
   permutation of :mod:`qwen3_next_mcore.ops.token_permutation` for dropless routing, and without the
   chunk sort that is the identity when there is one expert-parallel and tensor-parallel rank (it
-  copies every permuted row twice per direction). Token dropping, router padding and TE's fused
-  permutation keep megatron-core's code paths.
+  copies every permuted row twice per direction), and, at one rank, without moving the per-expert token
+  counts to the host and synchronising (the grouped GEMM reads them on the device; megatron-core copies
+  them out and the experts copied them back, stalling the GPU once per MoE layer). Token dropping,
+  router padding and TE's fused permutation keep megatron-core's code paths.
 - :class:`Qwen3NextMoELayer`: ``MoELayer`` using that dispatcher when the config asks for ``alltoall``.
 """
 
@@ -65,6 +67,13 @@ class ExpertSortedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
 
     def _one_rank(self) -> bool:
         return self.tp_size * self.ep_size == 1 and not self.drop_and_pad
+
+    def _maybe_dtoh_and_synchronize(self, point: str, tokens_per_expert: torch.Tensor | None = None):
+        if self._one_rank() and self._dropless():
+            # nothing on the host needs the counts at one rank (no all-to-all splits, no chunk sort): they
+            # stay on the device for the grouped GEMM, with no device-to-host copy and no stream sync
+            return tokens_per_expert
+        return super()._maybe_dtoh_and_synchronize(point, tokens_per_expert)
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         if not self._dropless():
