@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything we run on the offline GPU machine, part by part, each under its own time limit so one slow
-# part cannot lose the others' results; the kernel caches are packed into OUTDIR at the end.
+# part cannot lose the others' results. The device returns only about eight files per call, so OUTDIR ends
+# with two: results.tar.gz (every log, report and profiler table) and kcache.tar.xz (the kernel caches).
 #   bash scripts/gpu_checks.sh OUTDIR PART... [-- TRAIN ARGS...]
 # PARTs: tests (gpu-marked tests), bench (all benchmark cases), train (50 bf16 proxy steps),
 #        parallel (per-step losses at TP=2 and EP=2 against one GPU; needs 2 GPUs).
@@ -8,7 +9,8 @@
 # cases and options (default: all cases); PARALLEL_LAYOUTS: layouts of the parallel part (default tp2 ep2).
 # Carry .gpu-wheels/site.tar.xz and .gpu-data (tokenizer + tokenised c4 sample, kernel caches).
 set -uo pipefail
-out=${1:?OUTDIR}; shift
+final=${1:?OUTDIR}; shift
+out=$final/results
 parts=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do parts+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 mkdir -p "$out"
@@ -23,9 +25,7 @@ for part in "${parts[@]}"; do
   case $part in
     tests) timeout "${TESTS_S:-400}" python3 -m pytest -q -rs -s -m gpu -o addopts="" -p no:cacheprovider \
              ${TESTS:-tests/ops tests/model} 2>&1 | quiet | tee "$out/gpu_tests.log" ;;
-    bench) timeout "${BENCH_S:-480}" python3 -m benchmarks.run --out "$out" ${BENCH_ARGS:-} 2>&1 | quiet | tee "$out/bench.log"
-           # the profiler tables (--profile) come back as one archive: the device returns few files
-           [ -d "$out/profile" ] && tar -czf "$out/profile.tar.gz" -C "$out" profile && rm -rf "$out/profile" ;;
+    bench) timeout "${BENCH_S:-480}" python3 -m benchmarks.run --out "$out" ${BENCH_ARGS:-} 2>&1 | quiet | tee "$out/bench.log" ;;
     train) timeout "${TRAIN_S:-300}" python3 -m qwen3_next_mcore train --preset proxy --tokenizer /tmp/gd/tok \
              --data-path /tmp/gd/data/c4_text_document --split 100,0,0 --seq-length 4096 --micro-batch-size 1 \
              --global-batch-size 2 --train-iters 50 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --bf16 \
@@ -37,5 +37,6 @@ for part in "${parts[@]}"; do
   esac
   rc=$((rc | $?))
 done
-gpu_cache_pack "$out"
+gpu_cache_pack "$final"
+tar -czf "$final/results.tar.gz" -C "$final" results && rm -rf "$out"
 exit $rc
