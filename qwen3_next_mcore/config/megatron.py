@@ -79,9 +79,7 @@ def to_transformer_config(
         moe_router_dtype="fp32",
         moe_router_load_balancing_type="aux_loss" if config.router_aux_loss_coef > 0 else "none",
         moe_aux_loss_coeff=config.router_aux_loss_coef,
-        # all-to-all (our ExpertSortedAlltoAllDispatcher); on CPU with expert parallelism megatron-core's
-        # all-to-all hands gloo its split sizes as tensors, which gloo refuses: all-gather there
-        moe_token_dispatcher_type="alltoall" if on_gpu or parallel.expert_parallel == 1 else "allgather",
+        moe_token_dispatcher_type="alltoall",  # our ExpertSortedAlltoAllDispatcher (layers/moe.py)
         moe_grouped_gemm=False,
         # MTP
         mtp_num_layers=config.mtp_num_layers or None,

@@ -28,6 +28,9 @@ adjustment is a narrow replacement of one megatron-core function or object, list
    runs on the CPU tensor.
 5. ``Router.gating`` moves the router weight to ``torch.cuda.current_device()`` on first use; on CPU
    the weight stays where it is (the gating product is unchanged).
+9. The all-to-all token dispatcher turns its split sizes into numpy arrays only for CUDA tensors
+   (``maybe_move_tensor_to_cpu``), and gloo refuses the tensors it passes otherwise; on CPU the same
+   conversion runs on the CPU tensors, so expert parallelism uses the all-to-all dispatcher as on GPUs.
 4. ``torch.compile`` around the output-gate fusion: dynamo is disabled for that function on CPU (the
    first call otherwise takes over 10 s and gives the same numbers).
 
@@ -109,6 +112,7 @@ def apply() -> None:
     _patch_output_gate_compile()
     _patch_rotary()
     _patch_router()
+    _patch_dispatcher_splits()
     _patch_schedules()
     _patch_language_module()
     _patch_grad_clipping()
@@ -152,6 +156,19 @@ def _patch_router() -> None:
         return mrouter.router_gating_linear(input, self.weight, self.bias, router_dtype)
 
     mrouter.Router.gating = gating
+
+
+def _patch_dispatcher_splits() -> None:
+    from megatron.core.transformer.moe import token_dispatcher as mdisp
+
+    original = mdisp.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()  # what the CUDA branch returns: the split sizes as a numpy array
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    mdisp.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
 class _InertStream:
