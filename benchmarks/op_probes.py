@@ -61,6 +61,8 @@ def permutation():
         lambda: torch.zeros(T, H, device=DEV).index_add(0, src_tok, y.float()).to(BF16), y)
     rep("unpermute gather + sum(k) fp32", lambda: y.index_select(0, inv).view(T, K, H).float().sum(1).to(BF16), y)
     rep("unpermute gather + sum(k) bf16", lambda: y.index_select(0, inv).view(T, K, H).sum(1), y)
+    # our combine's forward (its backward is a gather, not embedding_bag's own)
+    rep("unpermute embedding_bag sum (fwd is ours)", lambda: F.embedding_bag(inv.view(T, K), y, mode="sum"), y)
 
 
 def norms():

@@ -239,3 +239,19 @@ def test_zero_centered_norm_compiled_on_cuda(rel, dtype):
         print(f"zero-centred norm compile {dtype} {shape}: y, dx, dw = " + ", ".join(f"{e:.1e}" for e in errs))
         assert max(errs) < (1e-5 if dtype == torch.float32 else 1e-2), errs
 
+
+
+def test_moe_sum_copies_on_cuda(rel):
+    """The MoE combine (one embedding_bag) against the gather-then-sum reference on CUDA, bf16."""
+    from qwen3_next_mcore.ops.token_permutation import sort_by_expert, sum_copies, sum_copies_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    T, E, k = 4096, 512, 10
+    idx = torch.rand(T, E, generator=gen, device="cuda").topk(k).indices
+    perm, _ = sort_by_expert(torch.zeros(T, E, dtype=torch.bool, device="cuda").scatter_(1, idx, True), k)
+    rows = torch.randn(T * k, 2048, generator=gen, device="cuda").to(torch.bfloat16)
+    got, want = sum_copies(rows, perm.slot_rows), sum_copies_reference(rows, perm.slot_rows)
+    exact = sum_copies_reference(rows.double(), perm.slot_rows)
+    print(f"moe sum_copies bf16: vs reference {rel(got, want):.1e}, vs fp64 {rel(got, exact):.1e} "
+          f"(reference vs fp64 {rel(want, exact):.1e})")
+    assert got.dtype == torch.bfloat16 and rel(got, exact) <= 1.01 * rel(want, exact) + 1e-6
