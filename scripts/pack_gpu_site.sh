@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pack the GPU-only packages (.gpu-wheels/{base,tile}, fetched by ../shared/tools/gpu-wheels.sh) into one
-# xz archive of an installed site-packages, .gpu-wheels/site.tar.xz (~49 MB: the wheels themselves are
+# xz archive of an installed site-packages, .gpu-wheels/site.tar.xz (~42 MB: the wheels themselves are
 # 86 MB, over one 64 MiB device carry). scripts/gpu_env.sh unpacks it on the GPU machine.
 # Needs a Python 3.12 here (the wheels are cp312): .venv from scripts/setup.sh.
 set -euo pipefail
