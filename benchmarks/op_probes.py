@@ -104,6 +104,8 @@ def sdpa():
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.op_probes times CUDA kernels: run it on a machine with a CUDA GPU")
     for probe in (grouped_gemms, permutation, norms, router, sdpa):
         probe()
         torch.cuda.empty_cache()
