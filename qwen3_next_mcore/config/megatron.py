@@ -91,11 +91,7 @@ def to_transformer_config(
         # init (transformers: N(0, initializer_range))
         init_method_std=config.initializer_range,
         # parallel
-        tensor_model_parallel_size=parallel.tensor_parallel,
-        pipeline_model_parallel_size=parallel.pipeline_parallel,
-        expert_model_parallel_size=parallel.expert_parallel,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel,
-        context_parallel_size=parallel.context_parallel,
+        **parallel.megatron_sizes(),
         sequence_parallel=parallel.sequence_parallel,
         # precision
         params_dtype=params_dtype,

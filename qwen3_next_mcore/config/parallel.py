@@ -40,6 +40,15 @@ class ParallelConfig(BaseModel):
         if self.sequence_parallel and tp == 1:
             raise ValueError("ParallelConfig.sequence_parallel=True needs tensor_parallel > 1")
 
+    def megatron_sizes(self) -> dict[str, int]:
+        """The sizes under megatron-core's names (``initialize_model_parallel``, ``TransformerConfig`` and
+        Megatron-LM's ``args`` share them)."""
+        return {"tensor_model_parallel_size": self.tensor_parallel,
+                "pipeline_model_parallel_size": self.pipeline_parallel,
+                "expert_model_parallel_size": self.expert_parallel,
+                "expert_tensor_parallel_size": self.expert_tensor_parallel,
+                "context_parallel_size": self.context_parallel}
+
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel * self.context_parallel

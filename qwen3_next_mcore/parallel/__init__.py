@@ -113,11 +113,7 @@ def initialize(
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
-        context_parallel_size=context_parallel,
-        expert_model_parallel_size=expert_parallel,
-        expert_tensor_parallel_size=expert_tensor_parallel,
+        **layout.megatron_sizes(),
         create_gloo_process_groups=not on_gpu,
         distributed_timeout_minutes=timeout_minutes,
     )
