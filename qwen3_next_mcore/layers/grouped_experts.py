@@ -9,7 +9,8 @@ instead of a Python loop over experts, and no Transformer Engine. This is the ex
 
 The SwiGLU and the routing-probability scaling run as megatron-core's fused ``weighted_bias_swiglu_impl``
 on CUDA (``torch.compile``: one kernel forward and one backward over the [rows, 2F] projection, and only
-that projection saved for the backward) and as plain torch ops on CPU (``fused_activation`` overrides).
+that projection saved for the backward) and as plain torch ops on CPU (``activation_backend`` overrides;
+the choice is logged like every op backend, :func:`~qwen3_next_mcore.ops.backends.compiled_op_backend`).
 
 Parameters (this rank): ``weight1`` [E_local, 2F/etp, H] (each expert's ``linear_fc1.weight``, [gate; up]
 rows) and ``weight2`` [E_local, H, F/etp] (``linear_fc2.weight``).
@@ -17,17 +18,15 @@ rows) and ``weight2`` [E_local, H, F/etp] (``linear_fc2.weight``).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import nn
 
+from ..ops.backends import compiled_op_backend, env_for
+
 _EXTRA = "local_experts.{e}.{lin}._extra_state"
-log = logging.getLogger(__name__)
-_LOGGED: set[tuple] = set()
 
 # torch >= 2.10 exposes F.grouped_mm; 2.8/2.9 only the private op with the same contract
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -36,9 +35,10 @@ _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 class GroupedGemmExperts(MegatronModule):
     """forward(x [T, H] grouped by expert, tokens_per_expert [E_local], probs [T]) -> ([T, H], None).
 
-    ``fused_activation``: None (fused on CUDA, plain torch on CPU), True or False."""
+    ``activation_backend``: None (automatic: "compile" on CUDA, "torch" on CPU), "compile" (megatron-core's
+    fused SwiGLU) or "torch"."""
 
-    fused_activation: bool | None = None
+    activation_backend: str | None = None
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None, **_):
         super().__init__(config=config)
@@ -72,12 +72,7 @@ class GroupedGemmExperts(MegatronModule):
         x = permuted_local_hidden_states
         offs = torch.cumsum(tokens_per_expert.to(device=x.device), 0).to(torch.int32)
         h = _grouped_mm(x, self.weight1.transpose(1, 2), offs=offs)  # [T, 2F]
-        fused = x.is_cuda if self.fused_activation is None else self.fused_activation
-        if (fused, x.device.type) not in _LOGGED:  # once per process and choice
-            _LOGGED.add((fused, x.device.type))
-            log.info("grouped experts: SwiGLU x probs %s", "fused (megatron-core weighted_bias_swiglu_impl, "
-                     "torch.compile)" if fused else "in plain torch ops")
-        if fused:
+        if compiled_op_backend("moe_weighted_swiglu", env_for(x), self.activation_backend) == "compile":
             from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 
             act = weighted_bias_swiglu_impl(h, None, permuted_probs.unsqueeze(-1).float())

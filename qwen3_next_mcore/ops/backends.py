@@ -274,8 +274,8 @@ def norm_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
 
 
 def compiled_op_backend_report(op: str, env: KernelEnv, requested: str | None = None) -> dict:
-    """Backend of an op whose fast form is ``torch.compile`` of its eager code (the zero-centred norm):
-    ``backend`` ("torch" | "compile"), ``error`` (None). Automatic: eager torch on
+    """Backend of an op whose fast form is ``torch.compile`` of its eager code (the zero-centred norm,
+    the grouped experts' SwiGLU x probability): ``backend`` ("torch" | "compile"), ``error`` (None). Automatic: eager torch on
     CPU, ``torch.compile`` (Inductor's Triton kernels) on CUDA. "compile" may be asked for on CPU too
     (Inductor's C++ kernels; the tests use it)."""
     _check_requested(requested, COMPILED_OP_BACKENDS, op)
@@ -283,6 +283,13 @@ def compiled_op_backend_report(op: str, env: KernelEnv, requested: str | None = 
     if requested in AUTO:
         return {**report, "backend": "compile" if env.device == "cuda" else "torch"}
     return {**report, "backend": requested}
+
+
+@cache
+def compiled_op_backend(op: str, env: KernelEnv, requested: str | None = None) -> str:
+    """:func:`compiled_op_backend_report` resolved (logged once): the backend name, cached per op,
+    environment and request, because the ops ask on every call."""
+    return resolve(compiled_op_backend_report(op, env, requested))
 
 
 _LOGGED: set[tuple] = set()

@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .backends import compiled_op_backend_report, env_for, norm_backend_report, resolve
+from .backends import compiled_op_backend, env_for, norm_backend_report, resolve
 
 
 def _dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -51,7 +51,7 @@ def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1
     (``torch.compile`` of the eager function: the same math fused by Inductor). Returns ``[..., D]`` in
     x.dtype, computed in fp32 (fp64 for fp64 inputs) and cast once.
     """
-    name = resolve(compiled_op_backend_report("zero_centered_rms_norm", env_for(x), backend))
+    name = compiled_op_backend("zero_centered_rms_norm", env_for(x), backend)
     impl = _compiled_zero_centered_rms_norm() if name == "compile" else _torch_zero_centered_rms_norm
     return impl(x, weight, eps)
 
