@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
-from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
@@ -46,14 +45,13 @@ class _Bf16GemmFp32Logits(torch.autograd.Function):
 
 class Qwen3NextRouter(TopKRouter):
     """``TopKRouter`` with fp32 logits from a bf16 GEMM on CUDA (see the module docstring); elsewhere
-    (CPU, fp32 or fp64 inputs, a router bias) megatron-core's ``router_gating_linear``."""
+    (CPU, fp32 or fp64 inputs, a router bias) megatron-core's own gating."""
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
-        if (input.is_cuda and router_dtype == torch.float32 and self.bias is None
+        if (input.is_cuda and self.config.moe_router_dtype == "fp32" and self.bias is None
                 and input.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == input.dtype):
             return _Bf16GemmFp32Logits.apply(input, self.weight)
-        return router_gating_linear(input, self.weight, self.bias, router_dtype)
+        return super().gating(input)
 
 
 class ExpertSortedAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
