@@ -51,9 +51,10 @@ def make_hf_checkpoint(config: Qwen3NextConfig, directory, seed: int = 0, dtype=
     last: a run that dies midway leaves no ``config.json`` there, so nothing takes it for a checkpoint."""
     import shutil
 
+    from ..convert.output import make_tmp_dir
+
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = make_tmp_dir(directory)
     try:
         model, mtp = _write_hf_checkpoint(config, tmp, seed, dtype, max_shard_size)
     except BaseException:
