@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 
 from .cases import LAYER_CASES, Case, Shape, _Models
-from .timing import matmul_tflops, peak_memory_gb, profile_table, rel_error, reset_peak_memory, time_fwd_bwd
+from .timing import (
+    fwd_bwd_step,
+    matmul_tflops,
+    peak_memory_gb,
+    profile_table,
+    rel_error,
+    reset_peak_memory,
+    time_fwd_bwd,
+)
 from .train_step import run_train_step
 
 log = logging.getLogger(__name__)
@@ -85,17 +93,7 @@ def time_candidate(cand, *, warmup: int, reps: int, device: torch.device) -> dic
 
 def profile_candidate(cand, path: Path, *, device: torch.device, steps: int = 3) -> None:
     """Write a torch.profiler table of ``steps`` forward+backward calls of ``cand`` to ``path``."""
-    grad = None
-
-    def step():
-        nonlocal grad
-        cand.zero_grad()
-        out = cand.forward()
-        if grad is None:
-            grad = torch.randn_like(out)
-        out.backward(grad)
-
-    table = profile_table(step, steps=steps, device=device)
+    table = profile_table(fwd_bwd_step(cand.forward, cand.zero_grad), steps=steps, device=device)
     cand.zero_grad()
     _atomic_write(path, f"# {cand.name}: {steps} forward+backward steps\n\n{table}\n")
 

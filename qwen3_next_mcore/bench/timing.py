@@ -54,16 +54,23 @@ def time_fwd_bwd(forward: Callable[[], torch.Tensor], zero_grad: Callable[[], No
                  reps: int, device: torch.device) -> tuple[Timing, Timing]:
     """(forward, forward+backward) timings of ``forward``; the backward takes one fixed random output
     gradient, and ``zero_grad`` clears the gradients before each repeat (and at the end)."""
-    grad = torch.randn_like(forward())
+    step = fwd_bwd_step(forward, zero_grad)
     fwd = measure(forward, warmup=warmup, reps=reps, device=device)
+    both = measure(step, warmup=warmup, reps=reps, device=device)
+    zero_grad()
+    return fwd, both
+
+
+def fwd_bwd_step(forward: Callable[[], torch.Tensor], zero_grad: Callable[[], None]) -> Callable[[], None]:
+    """A callable that clears the gradients, runs ``forward`` and back-propagates one fixed random output
+    gradient (drawn now, from one forward call)."""
+    grad = torch.randn_like(forward())
 
     def step():
         zero_grad()
         forward().backward(grad)
 
-    both = measure(step, warmup=warmup, reps=reps, device=device)
-    zero_grad()
-    return fwd, both
+    return step
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, *, warmup: int = 3, reps: int = 10) -> float:
