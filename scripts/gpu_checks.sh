@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything we run on the offline GPU machine, part by part, each under its own time limit so one slow
 # part cannot lose the others' results. The device returns only about eight files per call, so OUTDIR ends
-# with two: results.tar.gz (every log, report and profiler table) and kcache.tar.xz (the kernel caches).
+# with two: results.tar.gz (every log, report and profiler table) and kcache.tar.xz (the kernel caches,
+# in 15 MiB pieces when larger).
 #   bash scripts/gpu_checks.sh OUTDIR PART... [-- TRAIN ARGS...]
 # PARTs: tests (gpu-marked tests), bench (all benchmark cases), train (50 bf16 proxy steps),
 #        parallel (per-step losses at TP=2 and EP=2 against one GPU; needs 2 GPUs).

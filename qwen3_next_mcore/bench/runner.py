@@ -24,6 +24,7 @@ from .timing import (
     profile_table,
     rel_error,
     reset_peak_memory,
+    slug,
     time_fwd_bwd,
 )
 from .train_step import run_train_step
@@ -98,10 +99,6 @@ def profile_candidate(cand, path: Path, *, device: torch.device, steps: int = 3)
     _atomic_write(path, f"# {cand.name}: {steps} forward+backward steps\n\n{table}\n")
 
 
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_")
-
-
 def run_layer_case(case: Case, *, warmup: int, reps: int, device: torch.device, matmul: float,
                    profile_dir: Path | None = None) -> dict:
     errors, refused = check(case)
@@ -117,7 +114,7 @@ def run_layer_case(case: Case, *, warmup: int, reps: int, device: torch.device, 
         row.update(t)
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
-            profile_candidate(cand, profile_dir / f"{_slug(case.name)}__{_slug(cand.name)}.txt", device=device)
+            profile_candidate(cand, profile_dir / f"{slug(case.name)}__{slug(cand.name)}.txt", device=device)
         row["fwd_tflops"] = case.flops_fwd / (t["fwd_ms"] * 1e-3) / 1e12
         row["fwd_bwd_tflops"] = 3 * case.flops_fwd / (t["fwd_bwd_ms"] * 1e-3) / 1e12
         if case.bytes_fwd:
@@ -142,7 +139,7 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
 
     ``size``: ``full`` (80B widths, B=4 x T=4096 bf16 for the layers; train-step B=2 x T=4096 on the
     proxy preset) or ``small`` (toy widths in fp32: a CPU run of the runner itself). ``profile``: also
-    write a torch.profiler table per timed layer candidate to ``out_dir/profile/CASE__CANDIDATE.txt``.
+    write a torch.profiler table per timed candidate to ``out_dir/profile/CASE__CANDIDATE.txt``.
     ``train_step_modes``: our memory modes timed by ``train-step`` (default: all of
     :data:`~qwen3_next_mcore.bench.train_step.RECOMPUTE_MODES`; transformers always runs)."""
     from .. import parallel
@@ -178,17 +175,20 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
                 report["cases"][name] = run_train_step(
                     "tiny" if small else "proxy", {"vocab_size": 1024} if small else {}, batch=batch or 2,
                     seq=shape.seq, dtype=shape.dtype, device=dev, warmup=max(warmup // 2, 2),
-                    reps=max(reps // 2, 3), **({"modes": tuple(train_step_modes)} if train_step_modes else {}))
-                continue
-            if models is None and name != "gdn-kernel":
-                from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+                    reps=max(reps // 2, 3), profile_dir=Path(out_dir) / "profile" if profile else None,
+                    on_progress=lambda partial: _write_report({**report, "cases": {**report["cases"], name: partial}},
+                                                              Path(out_dir), size),
+                    **({"modes": tuple(train_step_modes)} if train_step_modes else {}))
+            else:
+                if models is None and name != "gdn-kernel":
+                    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
-                destroy_moe_metrics_tracker()
-                models = _Models(shape, dev)
-            case = LAYER_CASES[name](shape, dev, models)
-            report["cases"][name] = run_layer_case(case, warmup=warmup, reps=reps, device=dev, matmul=matmul,
-                                                   profile_dir=Path(out_dir) / "profile" if profile else None)
-            del case
+                    destroy_moe_metrics_tracker()
+                    models = _Models(shape, dev)
+                case = LAYER_CASES[name](shape, dev, models)
+                report["cases"][name] = run_layer_case(case, warmup=warmup, reps=reps, device=dev, matmul=matmul,
+                                                       profile_dir=Path(out_dir) / "profile" if profile else None)
+                del case
         except Exception as e:
             log.exception("benchmark %s failed", name)
             report["cases"][name] = {"error": f"{type(e).__name__}: {e}"}

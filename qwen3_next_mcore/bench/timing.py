@@ -99,6 +99,11 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def slug(text: str) -> str:
+    """``text`` as a file-name part: letters and digits kept, everything else ``_``."""
+    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_")
+
+
 def profile_table(step: Callable[[], object], *, steps: int, device: torch.device, row_limit: int = 40) -> str:
     """torch.profiler summary of ``steps`` calls of ``step`` (after one untimed call): operators and
     kernels sorted by their own device time (CPU time on a CPU), as text."""

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import gc
 import logging
+from pathlib import Path
 
 import torch
 
-from .timing import measure, peak_memory_gb, reset_peak_memory
+from .timing import measure, peak_memory_gb, profile_table, reset_peak_memory, slug
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,11 @@ def _initial_hf_state(config, device: torch.device, seed: int = 0) -> dict:
 
 
 def _candidate(rank: int, which: str, preset: str, overrides: dict, batch: int, seq: int, dtype: str,
-               device_type: str, warmup: int, reps: int, reference_loss: float | None, tolerance: float) -> dict:
+               device_type: str, warmup: int, reps: int, reference_loss: float | None, tolerance: float,
+               profile_dir: str | None = None) -> dict:
     """One candidate in its own process (so each peak memory is its own and nothing leaks into the next
-    build): ``which`` is "transformers" or a recompute mode of ours. Returns its result row."""
+    build): ``which`` is "transformers" or a recompute mode of ours. Returns its result row; with
+    ``profile_dir``, also writes a torch.profiler table of two steps to ``train_step__CANDIDATE.txt`` there."""
     from .. import parallel
     from ..config import get_preset
     from ..training.flops import training_flops
@@ -148,6 +151,10 @@ def _candidate(rank: int, which: str, preset: str, overrides: dict, batch: int, 
     row.update(t.as_dict(), tokens_per_s=batch * seq / seconds, peak_gb=peak_memory_gb(device),
                tflops_per_gpu=training_flops(config, seq, batch) / seconds / 1e12,
                hardware_tflops_per_gpu=training_flops(config, seq, batch, recompute=granularity) / seconds / 1e12)
+    if profile_dir is not None:
+        path = Path(profile_dir) / f"train_step__{slug(name)}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {name}: 2 optimizer steps\n\n{profile_table(step, steps=2, device=device)}\n")
     del step, keep
     parallel.destroy()
     return row
@@ -155,26 +162,31 @@ def _candidate(rank: int, which: str, preset: str, overrides: dict, batch: int, 
 
 def run_train_step(preset: str, overrides: dict, *, batch: int, seq: int, dtype: torch.dtype, device: torch.device,
                    warmup: int, reps: int, tolerance: float = 2e-2,
-                   modes=("none", "selective", "full", "offload")) -> dict:
+                   modes=("none", "selective", "full", "offload"), profile_dir: Path | None = None,
+                   on_progress=None) -> dict:
     """Time transformers, then ours per recompute mode, each in a fresh process; returns the case's
-    result dict (see :mod:`qwen3_next_mcore.bench.runner`)."""
+    result dict (see :mod:`qwen3_next_mcore.bench.runner`). ``profile_dir``: a profiler table per candidate;
+    ``on_progress``: called with the result so far after every candidate (a run cut short keeps those)."""
     from ..config import get_preset
     from ..testing.distributed import run_distributed
     from ..training.flops import training_flops
 
     config = get_preset(preset, **overrides).model_copy(update={"mtp_num_layers": 0})
     common = (preset, overrides, batch, seq, str(dtype), device.type, warmup, reps)
-    hf_row = run_distributed(_candidate, 1, args=("transformers", *common, None, tolerance))[0]
-    rows, refused = [hf_row], {}
+    prof = None if profile_dir is None else str(profile_dir)
+    hf_row = run_distributed(_candidate, 1, args=("transformers", *common, None, tolerance, prof))[0]
+    result = {"rows": [hf_row], "refused": {},
+              "unavailable": {f"transformers ({k} experts)": v for k, v in hf_row.pop("unavailable").items()},
+              "flops_per_step": training_flops(config, seq, batch), "tokens_per_step": batch * seq,
+              "config": {"preset": preset, "layers": config.num_hidden_layers, "experts": config.num_experts,
+                         "top_k": config.num_experts_per_tok, "batch": batch, "seq": seq, "dtype": str(dtype)}}
     for mode in modes:
-        row = run_distributed(_candidate, 1, args=(mode, *common, hf_row["loss_step0"], tolerance))[0]
+        if on_progress is not None:
+            on_progress(result)
+        row = run_distributed(_candidate, 1, args=(mode, *common, hf_row["loss_step0"], tolerance, prof))[0]
         if "refused" in row:
-            refused[row["candidate"]] = row["refused"]
+            result["refused"][row["candidate"]] = row["refused"]
         else:
             row["speedup_vs_transformers"] = hf_row["median_ms"] / row["median_ms"]
-            rows.append(row)
-    return {"rows": rows, "refused": refused, "unavailable": {f"transformers ({k} experts)": v
-                                                               for k, v in hf_row.pop("unavailable").items()},
-            "flops_per_step": training_flops(config, seq, batch), "tokens_per_step": batch * seq,
-            "config": {"preset": preset, "layers": config.num_hidden_layers, "experts": config.num_experts,
-                       "top_k": config.num_experts_per_tok, "batch": batch, "seq": seq, "dtype": str(dtype)}}
+            result["rows"].append(row)
+    return result

@@ -16,7 +16,7 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--seq", type=int, help="sequence length (default 4096)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--profile", action="store_true",
-                   help="also write a torch.profiler table per timed layer candidate to OUT/profile/")
+                   help="also write a torch.profiler table per timed candidate to OUT/profile/")
     p.add_argument("--train-step-modes", nargs="+", choices=["none", "selective", "full", "offload"],
                    help="our memory modes in the train-step case (default: all four; transformers always runs)")
     p.set_defaults(func=_run)

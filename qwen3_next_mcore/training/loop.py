@@ -77,6 +77,7 @@ def _build(cfg: TrainConfig, hf_weights=None, model_config=None):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from ..model import build_model, load_hf_weights
+    from .fused_adam import use_fused_adam
 
     model_cfg = model_config or cfg.model()
     backend = "te" if cfg.transformer_impl == "transformer_engine" else "local"
@@ -102,6 +103,7 @@ def _build(cfg: TrainConfig, hf_weights=None, model_config=None):
         optimizer_offload_fraction=cfg.optimizer_offload_fraction if cfg.optimizer_cpu_offload else 0.0,
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=not torch.cuda.is_available())
+    use_fused_adam(optimizer)  # megatron-core's torch fallback would run the multi-pass foreach Adam
     # steps are counted in iterations (Megatron-LM counts samples; the schedule is the same)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.lr_warmup_iters,
@@ -289,6 +291,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     from .. import parallel
+    from .fused_adam import use_fused_adam
 
     parallel.initialize(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
                         cfg.expert_model_parallel_size, cfg.expert_tensor_parallel_size,
@@ -308,6 +311,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     if cfg.load is not None:
         progress = checkpoint.load(cfg.load, chunks, optimizer, scheduler, load_optimizer=not cfg.no_load_optim,
                                    finetune=cfg.finetune)
+        use_fused_adam(optimizer)  # loading took the saved parameter groups' implementation flags
         if progress is not None:
             iteration, consumed = progress["iteration"], progress["consumed_samples"]
     dataset, valid, shuffle, packed = _datasets(cfg, model_cfg, gbs)

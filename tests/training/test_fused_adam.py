@@ -1,0 +1,104 @@
+"""torch's fused AdamW under megatron-core's optimizer (training/fused_adam.py): the same update as the
+foreach implementation megatron builds by itself, through the real megatron optimizer wrappers: fp32 on
+CPU (megatron's bf16 and distributed optimizers are CUDA-only); on a GPU also bf16 weights with fp32 main
+weights, with and without the distributed optimizer."""
+
+import copy
+
+import pytest
+import torch
+
+from qwen3_next_mcore.training.fused_adam import torch_adams, use_fused_adam
+
+
+def _megatron_adam(model, distributed: bool, bf16: bool):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, clip_grad=1.0,
+                                                 bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 use_distributed_optimizer=distributed),
+                                 [ddp], use_gloo_process_groups=True)
+    return ddp, opt
+
+
+def _steps(rank, distributed: bool, bf16: bool, fused: bool, steps: int = 3):
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.module import MegatronModule
+
+    from qwen3_next_mcore import parallel
+
+    parallel.initialize(seed=0)
+
+    class Net(MegatronModule):
+        def __init__(self):
+            super().__init__(TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, bf16=bf16,
+                                               params_dtype=dtype))
+            g = torch.Generator().manual_seed(0)
+            self.a = torch.nn.Parameter(torch.randn(16, 8, generator=g))
+            self.b = torch.nn.Parameter(torch.randn(8, generator=g))
+
+        def forward(self, x):
+            return ((x @ self.a.T).float() ** 2).mean() + (self.b.float() ** 3).sum()
+
+    device = torch.device("cuda" if bf16 or distributed else "cpu")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    ddp, opt = _megatron_adam(Net().to(device, dtype), distributed, bf16)
+    impl = use_fused_adam(opt) if fused else "foreach"
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    for _ in range(steps):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        ddp(x).backward()
+        ddp.finish_grad_sync()
+        opt.step()
+    mains = [copy.deepcopy(p.detach()).cpu() for o in torch_adams(opt) for g in o.param_groups for p in g["params"]]
+    flags = [g["fused"] for o in torch_adams(opt) for g in o.param_groups]
+    parallel.destroy()
+    return impl, flags, mains
+
+
+_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("distributed,bf16", [(False, False), pytest.param(False, True, marks=_gpu),
+                                              pytest.param(True, True, marks=_gpu)])
+def test_fused_adam_matches_foreach_through_megatron_optimizer(distributed, bf16):
+    from qwen3_next_mcore.testing.distributed import run_distributed
+
+    (impl, flags, fused), = run_distributed(_steps, 1, args=(distributed, bf16, True))
+    (_, base_flags, foreach), = run_distributed(_steps, 1, args=(distributed, bf16, False))
+    assert impl == "fused" and flags and all(flags) and not any(base_flags)
+    assert len(fused) == len(foreach) > 0
+    for a, b in zip(fused, foreach):
+        assert a.dtype == torch.float32  # megatron's main weights are what Adam steps
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(a, torch.zeros_like(a))
+
+
+def test_switch_to_fused_after_steps_continues_like_foreach():
+    """As after loading a checkpoint saved by the foreach implementation: the step counters move to the
+    weights' device and the next steps equal foreach's to rounding."""
+    def run(switch: bool):
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64, generator=g))
+        inner = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.1)
+
+        class Wrapper:
+            optimizer = inner
+
+        for i in range(4):
+            if i == 2 and switch:
+                assert use_fused_adam(Wrapper()) == "fused"
+                assert use_fused_adam(Wrapper()) == "fused"  # idempotent
+            p.grad = torch.sin(p.detach() * (i + 1))
+            inner.step()
+        return p.detach(), inner
+
+    fused, opt = run(True)
+    foreach, _ = run(False)
+    assert opt.param_groups[0]["fused"] and opt.state[opt.param_groups[0]["params"][0]]["step"].item() == 4
+    torch.testing.assert_close(fused, foreach, rtol=1e-6, atol=1e-7)
+    assert use_fused_adam(object()) == "not torch"
