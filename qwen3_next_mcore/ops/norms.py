@@ -52,8 +52,13 @@ def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1
     x.dtype, computed in fp32 (fp64 for fp64 inputs) and cast once.
     """
     name = compiled_op_backend("zero_centered_rms_norm", env_for(x), backend)
-    impl = _compiled_zero_centered_rms_norm() if name == "compile" else _torch_zero_centered_rms_norm
-    return impl(x, weight, eps)
+    if name == "compile":
+        # The q/k norms get head slices of the fused projection. torch 2.11's Inductor, reusing a graph
+        # made dynamic by an earlier process (its on-disk automatic-dynamic profile), failed on such a
+        # view in the backward (saved input's stride assertion); a contiguous input is the layout every
+        # compiled graph accepts, for one small copy.
+        return _compiled_zero_centered_rms_norm()(x.contiguous(), weight, eps)
+    return _torch_zero_centered_rms_norm(x, weight, eps)
 
 
 def _torch_gated_rms_norm(x, gate, weight, eps):
