@@ -15,7 +15,7 @@ def to_transformer_config(
     config: Qwen3NextConfig,
     parallel: ParallelConfig | None = None,
     *,
-    params_dtype: "torch.dtype | None" = None,
+    params_dtype: torch.dtype | None = None,
     **overrides: Any,
 ):
     """Build megatron-core's ``TransformerConfig`` for ``config`` split as ``parallel``.
@@ -60,11 +60,9 @@ def to_transformer_config(
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         bias_activation_fusion=False,
-        # megatron-core's own fused cross-entropy (torch.compile, no TE) for bf16 on GPUs: the loss and its
-        # gradient in a few fused passes over the [tokens, vocab] logits instead of one pass per op. Its
-        # backward returns bf16 gradients, so fp32/fp16 runs and CPUs (slow compiles) keep the unfused one.
-        cross_entropy_loss_fusion=on_gpu and params_dtype == torch.bfloat16,
-        cross_entropy_fusion_impl="native",
+        # the language-model loss is ours (model/language_model.py, ops/cross_entropy.py) unless Transformer
+        # Engine's fused cross-entropy is asked for here (cross_entropy_loss_fusion, impl "te")
+        cross_entropy_loss_fusion=False,
         # gated DeltaNet
         linear_conv_kernel_dim=config.linear_conv_kernel_dim,
         linear_key_head_dim=config.linear_key_head_dim,

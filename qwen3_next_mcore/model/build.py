@@ -1,4 +1,5 @@
-"""``build_model``: the megatron-core ``HybridModel`` of Qwen3-Next for this rank.
+"""``build_model``: the megatron-core ``HybridModel`` of Qwen3-Next for this rank (``Qwen3NextModel``, which
+only swaps in our cross-entropy: model/language_model.py).
 
 megatron-core 0.19 deprecates ``GPTModel`` in favour of ``HybridModel``; Qwen3-Next is a hybrid
 (GDN + attention) stack, which is what ``HybridModel``'s layer pattern expresses, so we build that
@@ -35,10 +36,10 @@ def build_model(
     ``recompute_granularity``). Raises ValueError when the config cannot be split as asked.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.models.hybrid.hybrid_model import HybridModel
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from .. import parallel
+    from .language_model import Qwen3NextModel
 
     if not parallel.is_initialized():
         parallel.initialize()
@@ -50,7 +51,7 @@ def build_model(
     tc = to_transformer_config(config, layout, params_dtype=dtype, **transformer_overrides)
     spec = get_qwen3_next_stack_spec(config, backend, op_backends, experts)
     pattern = hybrid_layer_pattern(config, layout.pipeline_parallel)
-    model = HybridModel(
+    model = Qwen3NextModel(
         config=tc,
         hybrid_stack_spec=spec,
         vocab_size=config.vocab_size,

@@ -275,7 +275,7 @@ def norm_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
 
 def compiled_op_backend_report(op: str, env: KernelEnv, requested: str | None = None) -> dict:
     """Backend of an op whose fast form is ``torch.compile`` of its eager code (the zero-centred norm,
-    the grouped experts' SwiGLU x probability): ``backend`` ("torch" | "compile"), ``error`` (None). Automatic: eager torch on
+    the grouped experts' SwiGLU x probability, the cross-entropy's passes): ``backend`` ("torch" | "compile"), ``error`` (None). Automatic: eager torch on
     CPU, ``torch.compile`` (Inductor's Triton kernels) on CUDA. "compile" may be asked for on CPU too
     (Inductor's C++ kernels; the tests use it)."""
     _check_requested(requested, COMPILED_OP_BACKENDS, op)
