@@ -78,6 +78,7 @@ def _build(cfg: TrainConfig, hf_weights=None, model_config=None):
 
     from ..model import build_model, load_hf_weights
     from .fused_adam import use_fused_adam
+    from .multi_tensor import use_foreach_multi_tensor_ops
 
     model_cfg = model_config or cfg.model()
     backend = "te" if cfg.transformer_impl == "transformer_engine" else "local"
@@ -102,6 +103,7 @@ def _build(cfg: TrainConfig, hf_weights=None, model_config=None):
         optimizer_cpu_offload=cfg.optimizer_cpu_offload,
         optimizer_offload_fraction=cfg.optimizer_offload_fraction if cfg.optimizer_cpu_offload else 0.0,
     )
+    use_foreach_multi_tensor_ops()  # megatron-core's TE/Apex-less grad norm synchronised once per tensor
     optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=not torch.cuda.is_available())
     use_fused_adam(optimizer)  # megatron-core's torch fallback would run the multi-pass foreach Adam
     # steps are counted in iterations (Megatron-LM counts samples; the schedule is the same)
