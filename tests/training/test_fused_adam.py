@@ -20,7 +20,8 @@ def _megatron_adam(model, distributed: bool, bf16: bool):
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, clip_grad=1.0,
                                                  bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
                                                  use_distributed_optimizer=distributed),
-                                 [ddp], use_gloo_process_groups=True)
+                                 # gloo groups exist on CPU only (parallel.initialize), as in the training loop
+                                 [ddp], use_gloo_process_groups=not torch.cuda.is_available())
     return ddp, opt
 
 
