@@ -10,7 +10,6 @@ import datetime
 import gc
 import json
 import logging
-import os
 import platform
 from pathlib import Path
 
@@ -18,14 +17,15 @@ import torch
 
 from .cases import LAYER_CASES, Case, Shape, _Models
 from .timing import (
+    atomic_write_text,
     fwd_bwd_step,
     matmul_tflops,
     peak_memory_gb,
     profile_table,
     rel_error,
     reset_peak_memory,
-    slug,
     time_fwd_bwd,
+    write_profile,
 )
 from .train_step import run_train_step
 
@@ -92,11 +92,11 @@ def time_candidate(cand, *, warmup: int, reps: int, device: torch.device) -> dic
             "fwd_bwd_min_ms": both.min_ms, "reps": reps, "peak_gb": peak_memory_gb(device)}
 
 
-def profile_candidate(cand, path: Path, *, device: torch.device, steps: int = 3) -> None:
-    """Write a torch.profiler table of ``steps`` forward+backward calls of ``cand`` to ``path``."""
+def profile_candidate(case: str, cand, profile_dir: Path, *, device: torch.device, steps: int = 3) -> None:
+    """Write a torch.profiler table of ``steps`` forward+backward calls of ``cand`` to ``profile_dir``."""
     table = profile_table(fwd_bwd_step(cand.forward, cand.zero_grad), steps=steps, device=device)
     cand.zero_grad()
-    _atomic_write(path, f"# {cand.name}: {steps} forward+backward steps\n\n{table}\n")
+    write_profile(profile_dir, case, cand.name, f"{steps} forward+backward steps", table)
 
 
 def run_layer_case(case: Case, *, warmup: int, reps: int, device: torch.device, matmul: float,
@@ -113,8 +113,7 @@ def run_layer_case(case: Case, *, warmup: int, reps: int, device: torch.device, 
         t = time_candidate(cand, warmup=warmup, reps=reps, device=device)
         row.update(t)
         if profile_dir is not None:
-            profile_dir.mkdir(parents=True, exist_ok=True)
-            profile_candidate(cand, profile_dir / f"{slug(case.name)}__{slug(cand.name)}.txt", device=device)
+            profile_candidate(case.name, cand, profile_dir, device=device)
         row["fwd_tflops"] = case.flops_fwd / (t["fwd_ms"] * 1e-3) / 1e12
         row["fwd_bwd_tflops"] = 3 * case.flops_fwd / (t["fwd_bwd_ms"] * 1e-3) / 1e12
         if case.bytes_fwd:
@@ -163,6 +162,7 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
     report = {"environment": env, "shape": shape.describe(), "matmul_tflops": matmul, "warmup": warmup,
               "reps": reps, "cases": {}}
     models = None
+    profile_dir = Path(out_dir) / "profile" if profile else None
     for name in names:
         log.info("benchmark %s", name)
         try:
@@ -175,9 +175,9 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
                 report["cases"][name] = run_train_step(
                     "tiny" if small else "proxy", {"vocab_size": 1024} if small else {}, batch=batch or 2,
                     seq=shape.seq, dtype=shape.dtype, device=dev, warmup=max(warmup // 2, 2),
-                    reps=max(reps // 2, 3), profile_dir=Path(out_dir) / "profile" if profile else None,
-                    on_progress=lambda partial: _write_report({**report, "cases": {**report["cases"], name: partial}},
-                                                              Path(out_dir), size),
+                    reps=max(reps // 2, 3), profile_dir=profile_dir,
+                    on_progress=lambda partial, name=name: _write_report(
+                        {**report, "cases": {**report["cases"], name: partial}}, Path(out_dir), size),
                     **({"modes": tuple(train_step_modes)} if train_step_modes else {}))
             else:
                 if models is None and name != "gdn-kernel":
@@ -187,7 +187,7 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
                     models = _Models(shape, dev)
                 case = LAYER_CASES[name](shape, dev, models)
                 report["cases"][name] = run_layer_case(case, warmup=warmup, reps=reps, device=dev, matmul=matmul,
-                                                       profile_dir=Path(out_dir) / "profile" if profile else None)
+                                                       profile_dir=profile_dir)
                 del case
         except Exception as e:
             log.exception("benchmark %s failed", name)
@@ -200,14 +200,8 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
 
 def _write_report(report: dict, out: Path, size: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / f"bench_{size}.json", json.dumps(report, indent=1, default=str))
-    _atomic_write(out / f"bench_{size}.md", markdown(report))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(out / f"bench_{size}.json", json.dumps(report, indent=1, default=str))
+    atomic_write_text(out / f"bench_{size}.md", markdown(report))
 
 
 def _f(x, fmt=".2f"):

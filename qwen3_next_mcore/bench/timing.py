@@ -1,4 +1,4 @@
-"""Timing and correctness primitives of the benchmarks.
+"""Timing, profiling and correctness primitives of the benchmarks, and their atomic file writes.
 
 Method (issue #7): correctness before timing, medians of many timed repeats after warm-up, the matmul
 rate measured in the same run. On CUDA each repeat is timed with CUDA events around the call (the
@@ -7,10 +7,12 @@ queue is drained first); on CPU with ``time.perf_counter``.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -99,11 +101,6 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def slug(text: str) -> str:
-    """``text`` as a file-name part: letters and digits kept, everything else ``_``."""
-    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_")
-
-
 def profile_table(step: Callable[[], object], *, steps: int, device: torch.device, row_limit: int = 40) -> str:
     """torch.profiler summary of ``steps`` calls of ``step`` (after one untimed call): operators and
     kernels sorted by their own device time (CPU time on a CPU), as text."""
@@ -120,3 +117,23 @@ def profile_table(step: Callable[[], object], *, steps: int, device: torch.devic
             torch.cuda.synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=90)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_")
+
+
+def write_profile(profile_dir: Path, case: str, candidate: str, what: str, table: str) -> Path:
+    """Write a :func:`profile_table` ``table`` of ``candidate`` in ``case`` (``what``: the profiled calls) to
+    ``profile_dir/CASE__CANDIDATE.txt`` (letters and digits kept, everything else ``_``); returns the path."""
+    path = Path(profile_dir) / f"{_slug(case)}__{_slug(candidate)}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, f"# {candidate}: {what}\n\n{table}\n")
+    return path

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .timing import measure, peak_memory_gb, profile_table, reset_peak_memory, slug
+from .timing import measure, peak_memory_gb, profile_table, reset_peak_memory, write_profile
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,7 @@ def _candidate(rank: int, which: str, preset: str, overrides: dict, batch: int, 
                tflops_per_gpu=training_flops(config, seq, batch) / seconds / 1e12,
                hardware_tflops_per_gpu=training_flops(config, seq, batch, recompute=granularity) / seconds / 1e12)
     if profile_dir is not None:
-        path = Path(profile_dir) / f"train_step__{slug(name)}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# {name}: 2 optimizer steps\n\n{profile_table(step, steps=2, device=device)}\n")
+        write_profile(profile_dir, "train-step", name, "2 optimizer steps", profile_table(step, steps=2, device=device))
     del step, keep
     parallel.destroy()
     return row
