@@ -60,7 +60,7 @@ def _pass(name: str, backend: str):
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
+    if group is not None:
         dist.all_reduce(t, op=op, group=group)
     return t
 
@@ -68,10 +68,11 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, backend):
+        if group is not None and dist.get_world_size(group) == 1:
+            group = None  # the whole vocabulary is here: nothing to reduce
         rows = logits.reshape(-1, logits.shape[-1])
         flat_target = target.reshape(-1)
-        start = rows.shape[-1] * (dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1
-                                  else 0)
+        start = 0 if group is None else rows.shape[-1] * dist.get_rank(group)
         row_max = _all_reduce(_pass("row_max", backend)(rows), dist.ReduceOp.MAX, group)
         stats = _all_reduce(_pass("sum_exp_and_target", backend)(rows, flat_target, row_max, start),
                             dist.ReduceOp.SUM, group)
