@@ -292,6 +292,18 @@ def compiled_op_backend(op: str, env: KernelEnv, requested: str | None = None) -
     return resolve(compiled_op_backend_report(op, env, requested))
 
 
+def compiled_or_eager(fn, backend: str):
+    """``fn`` itself for backend "torch"; for "compile", ``torch.compile(fn)``, made once per function."""
+    return _compiled(fn) if backend == "compile" else fn
+
+
+@cache
+def _compiled(fn):
+    import torch
+
+    return torch.compile(fn, dynamic=None)
+
+
 _LOGGED: set[tuple] = set()
 
 

@@ -18,12 +18,10 @@ no gradient toward any target; the loss mask drops them later.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 
-from .backends import compiled_op_backend, env_for
+from .backends import compiled_op_backend, compiled_or_eager, env_for
 
 
 def _row_max(logits: torch.Tensor) -> torch.Tensor:
@@ -47,18 +45,6 @@ def _logits_grad(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, 
     return ((softmax - (columns == local).float()) * dloss.float().unsqueeze(-1)).to(logits.dtype)
 
 
-_PASSES = {"row_max": _row_max, "sum_exp_and_target": _sum_exp_and_target, "logits_grad": _logits_grad}
-
-
-@functools.cache
-def _compiled(name: str):
-    return torch.compile(_PASSES[name], dynamic=None)
-
-
-def _pass(name: str, backend: str):
-    return _compiled(name) if backend == "compile" else _PASSES[name]
-
-
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(t, op=op, group=group)
@@ -73,8 +59,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = logits.reshape(-1, logits.shape[-1])
         flat_target = target.reshape(-1)
         start = 0 if group is None else rows.shape[-1] * dist.get_rank(group)
-        row_max = _all_reduce(_pass("row_max", backend)(rows), dist.ReduceOp.MAX, group)
-        stats = _all_reduce(_pass("sum_exp_and_target", backend)(rows, flat_target, row_max, start),
+        row_max = _all_reduce(compiled_or_eager(_row_max, backend)(rows), dist.ReduceOp.MAX, group)
+        stats = _all_reduce(compiled_or_eager(_sum_exp_and_target, backend)(rows, flat_target, row_max, start),
                             dist.ReduceOp.SUM, group)
         log_sum_exp = torch.log(stats[0])  # of the logits minus their row maximum
         ctx.save_for_backward(logits, flat_target, log_sum_exp + row_max)
@@ -85,7 +71,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, dloss):
         logits, flat_target, lse = ctx.saved_tensors
         rows = logits.reshape(-1, logits.shape[-1])
-        grad = _pass("logits_grad", ctx.backend)(rows, flat_target, lse, dloss.reshape(-1), ctx.start)
+        grad = compiled_or_eager(_logits_grad, ctx.backend)(rows, flat_target, lse, dloss.reshape(-1), ctx.start)
         return grad.view(logits.shape), None, None, None
 
 

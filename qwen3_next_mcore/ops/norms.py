@@ -14,12 +14,10 @@ In fp32 both match transformers exactly; in bf16 they differ from it by about on
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from .backends import compiled_op_backend, env_for, norm_backend_report, resolve
+from .backends import compiled_op_backend, compiled_or_eager, env_for, norm_backend_report, resolve
 
 
 def _dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -38,11 +36,6 @@ def _torch_zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: fl
     return (_rms_normalise(x.to(dtype), eps) * (1 + weight.to(dtype))).to(x.dtype)
 
 
-@functools.cache
-def _compiled_zero_centered_rms_norm():
-    return torch.compile(_torch_zero_centered_rms_norm, dynamic=None)
-
-
 def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
                            backend: str | None = None) -> torch.Tensor:
     """Zero-centred RMSNorm: x ``[..., D]``, weight ``[D]`` (stored as w, applied as 1 + w).
@@ -57,7 +50,7 @@ def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1
         # made dynamic by an earlier process (its on-disk automatic-dynamic profile), failed on such a
         # view in the backward (saved input's stride assertion); a contiguous input is the layout every
         # compiled graph accepts, for one small copy.
-        return _compiled_zero_centered_rms_norm()(x.contiguous(), weight, eps)
+        return compiled_or_eager(_torch_zero_centered_rms_norm, name)(x.contiguous(), weight, eps)
     return _torch_zero_centered_rms_norm(x, weight, eps)
 
 
