@@ -82,5 +82,9 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     ``[...]`` (int64 vocabulary ids). Returns fp32 ``[...]``; the logits' gradient has their dtype.
 
     backend: None/"auto" (CUDA -> "compile", else "torch"), "torch" or "compile"; the choice is logged once."""
+    if logits.shape[:-1] != target.shape or not logits.is_floating_point() or target.is_floating_point():
+        raise ValueError(f"vocab_parallel_cross_entropy: expected float logits [..., V] and integer target [...] "
+                         f"with the same leading dims, got logits {logits.dtype} {list(logits.shape)} and target "
+                         f"{target.dtype} {list(target.shape)}")
     name = compiled_op_backend("cross_entropy", env_for(logits), backend)
     return _VocabParallelCrossEntropy.apply(logits, target, group, name)

@@ -62,6 +62,16 @@ def test_matches_float64_cross_entropy_and_ignores_out_of_range_targets():
     torch.testing.assert_close(x.grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("logits_shape,target_shape,target_dtype", [
+    ((48, 2, 10), (2, 48), torch.int64),  # [b, s] target for [s, b, V] logits
+    ((48, 2, 10), (48, 2), torch.float32),
+])
+def test_bad_shapes_and_dtypes_are_refused_by_name(logits_shape, target_shape, target_dtype):
+    with pytest.raises(ValueError, match=r"expected float logits \[\.\.\., V\] and integer target .*got logits "
+                       r"torch.float32 \[48, 2, 10\] and target"):
+        vocab_parallel_cross_entropy(torch.zeros(logits_shape), torch.zeros(target_shape, dtype=target_dtype))
+
+
 def _split_vocab(rank, world):
     from megatron.core import parallel_state
 
