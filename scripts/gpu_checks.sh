@@ -24,8 +24,9 @@ quiet() { grep -v "Warning\|warnings.warn\|TileLang\|param.main_grad\|^\s*$"; }
 rc=0
 for part in "${parts[@]}"; do
   case $part in
-    tests) timeout "${TESTS_S:-400}" python3 -m pytest -q -rs -s -m gpu -o addopts="" -p no:cacheprovider \
-             ${TESTS:-tests/ops tests/model} 2>&1 | quiet | tee "$out/gpu_tests.log" ;;
+    # SIGINT at the limit: pytest then still prints its failures and summary; the log keeps everything.
+    tests) timeout -s INT -k 30 "${TESTS_S:-400}" python3 -m pytest -v -rfEs -s -m gpu -o addopts="" \
+             -p no:cacheprovider ${TESTS:-tests/ops tests/model} 2>&1 | tee "$out/gpu_tests.log" | quiet ;;
     bench) timeout "${BENCH_S:-480}" python3 -m benchmarks.run --out "$out" ${BENCH_ARGS:-} 2>&1 | quiet | tee "$out/bench.log" ;;
     train) timeout "${TRAIN_S:-300}" python3 -m qwen3_next_mcore train --preset proxy --tokenizer /tmp/gd/tok \
              --data-path /tmp/gd/data/c4_text_document --split 100,0,0 --seq-length 4096 --micro-batch-size 1 \
