@@ -138,7 +138,8 @@ class HFMTPReference(torch.nn.Module):
         x = self.fc(torch.cat([self.norm_e(e), self.norm_h(h)], dim=-1))
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         cos_sin = self.hf.model.rotary_emb(x, pos)
-        mask = torch.full((input_ids.shape[1],) * 2, float("-inf"), device=input_ids.device).triu(1)[None, None]
+        # in x's dtype: SDPA given a float32 mask with float64 queries attended wrongly (MTP logits 6% off)
+        mask = torch.full((input_ids.shape[1],) * 2, float("-inf"), device=x.device, dtype=x.dtype).triu(1)[None, None]
         x = self.layer(x, position_embeddings=cos_sin, attention_mask=mask, position_ids=pos)
         if isinstance(x, tuple):
             x = x[0]

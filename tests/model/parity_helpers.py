@@ -168,16 +168,19 @@ def hf_reference(hf_model, mtp_state, input_ids: torch.Tensor, mtp_scale: float 
     prefix = "mtp.layers.0."
     for name, p in ref.layer.named_parameters():
         grads.update(_hf_param_to_disk(name, p.grad, hf_model.config.num_experts, prefix))
-    grads["mtp.pre_fc_norm_embedding.weight"] = ref.norm_e.weight.grad
-    grads["mtp.pre_fc_norm_hidden.weight"] = ref.norm_h.weight.grad
-    grads["mtp.norm.weight"] = ref.norm.weight.grad
-    grads["mtp.fc.weight"] = ref.fc.weight.grad
+    grads["mtp.pre_fc_norm_embedding.weight"] = ref.norm_e.weight.grad.clone()
+    grads["mtp.pre_fc_norm_hidden.weight"] = ref.norm_h.weight.grad.clone()
+    grads["mtp.norm.weight"] = ref.norm.weight.grad.clone()
+    grads["mtp.fc.weight"] = ref.fc.weight.grad.clone()
     return torch.cat(logits_all, dim=1).detach(), torch.cat(mtp_all, dim=1).detach(), lm.item(), grads
 
 
 def _hf_param_to_disk(name: str, grad, num_experts: int, prefix: str = ""):
     if grad is None:
         return {}
+    # a copy: a later ``model.to(dtype)`` converts ``p.grad`` in place (test_gpu_parity's bf16 run did,
+    # rounding the float32 reference's norm gradients to bf16)
+    grad = grad.detach().clone()
     if name.endswith("mlp.experts.gate_up_proj"):
         base = prefix + name.removesuffix("gate_up_proj")
         out = {}
