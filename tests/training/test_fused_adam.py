@@ -1,5 +1,5 @@
-"""torch's fused AdamW under megatron-core's optimizer (training/fused_adam.py): the same update as the
-foreach implementation megatron builds by itself, through the real megatron optimizer wrappers: fp32 on
+"""torch's fused AdamW under megatron-core's optimizer (training/fused_adam.py), clipping folded into it:
+the same update as the foreach implementation megatron builds by itself with its in-place clipping, through the real megatron optimizer wrappers: fp32 on
 CPU (megatron's bf16 and distributed optimizers are CUDA-only); on a GPU also bf16 weights with fp32 main
 weights, with and without the distributed optimizer."""
 
@@ -47,18 +47,24 @@ def _steps(rank, distributed: bool, bf16: bool, fused: bool, steps: int = 3):
     device = torch.device("cuda" if bf16 or distributed else "cpu")
     dtype = torch.bfloat16 if bf16 else torch.float32
     ddp, opt = _megatron_adam(Net().to(device, dtype), distributed, bf16)
+    from megatron.core.optimizer import optimizer as mopt
+
+    megatron_clip, in_place_clips = mopt.clip_grad_by_total_norm_fp32, []
+    mopt.clip_grad_by_total_norm_fp32 = lambda *a, **k: (in_place_clips.append(1), megatron_clip(*a, **k))[1]
     impl = use_fused_adam(opt) if fused else "foreach"
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    norms = []
     for _ in range(steps):
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        ddp(x).backward()
+        (ddp(x) * 20).backward()  # gradient norms of 20..60: clip_grad=1 clips every step
         ddp.finish_grad_sync()
-        opt.step()
+        _, grad_norm, _ = opt.step()
+        norms.append(grad_norm)
     mains = [copy.deepcopy(p.detach()).cpu() for o in torch_adams(opt) for g in o.param_groups for p in g["params"]]
     flags = [g["fused"] for o in torch_adams(opt) for g in o.param_groups]
     parallel.destroy()
-    return impl, flags, mains
+    return impl, flags, mains, norms, len(in_place_clips)
 
 
 _gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -69,9 +75,13 @@ _gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reaso
 def test_fused_adam_matches_foreach_through_megatron_optimizer(distributed, bf16):
     from qwen3_next_mcore.testing.distributed import run_distributed
 
-    (impl, flags, fused), = run_distributed(_steps, 1, args=(distributed, bf16, True))
-    (_, base_flags, foreach), = run_distributed(_steps, 1, args=(distributed, bf16, False))
+    """Also the clipping folded into the fused kernel: the same weights as megatron's in-place clipping, and
+    the main gradients left unscaled."""
+    (impl, flags, fused, norms, clips), = run_distributed(_steps, 1, args=(distributed, bf16, True))
+    (_, base_flags, foreach, base_norms, base_clips), = run_distributed(_steps, 1, args=(distributed, bf16, False))
     assert impl == "fused" and flags and all(flags) and not any(base_flags)
+    assert min(norms) > 10 and norms == pytest.approx(base_norms, rel=1e-5)  # every step clips
+    assert clips == 0 and base_clips >= 3  # folded: megatron's in-place scaling never ran
     assert len(fused) == len(foreach) > 0
     for a, b in zip(fused, foreach):
         assert a.dtype == torch.float32  # megatron's main weights are what Adam steps
@@ -103,3 +113,37 @@ def test_switch_to_fused_after_steps_continues_like_foreach():
     assert opt.param_groups[0]["fused"] and opt.state[opt.param_groups[0]["params"][0]]["step"].item() == 4
     torch.testing.assert_close(fused, foreach, rtol=1e-6, atol=1e-7)
     assert use_fused_adam(object()) == "not torch"
+
+
+def test_folded_clipping_mixed_and_unmarked_parameters():
+    """One coefficient for all -> grad_scale; different ones (separate norm groups) or none -> scaled in
+    place as megatron would; a parameter outside a folding optimizer -> megatron's own clipping."""
+    from qwen3_next_mcore.training import fused_adam as fa
+
+    def run(coeffs, fold: bool):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(32, generator=g)) for _ in coeffs]
+        # eps=1: Adam's update is otherwise nearly invariant to the gradients' scale
+        inner = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, eps=1.0, fused=True)
+        if fold:
+            fa._fold_clipping(inner)
+        for i, p in enumerate(ps):
+            p.grad = torch.cos(p.detach() * (i + 2)) * 5
+            if coeffs[i] is not None:
+                if fold:
+                    setattr(p, fa._PENDING, coeffs[i])
+                else:
+                    p.grad.mul_(coeffs[i])
+        inner.step()
+        assert getattr(inner, "grad_scale", None) is None and not any(hasattr(p, fa._PENDING) for p in ps)
+        return torch.cat([p.detach() for p in ps])
+
+    for coeffs in ([0.25, 0.25], [0.25, 0.5], [0.25, None], [None, None]):
+        torch.testing.assert_close(run(coeffs, True), run(coeffs, False), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(run([0.25, 0.25], True), run([None, None], True))  # the coefficient acts
+
+    calls = []
+    outside = torch.nn.Parameter(torch.ones(3))
+    outside.grad = torch.ones(3)
+    fa._deferred_clip(lambda *a: calls.append(a), [outside], 1.0, 10.0)
+    assert len(calls) == 1 and not hasattr(outside, fa._PENDING)
