@@ -102,21 +102,36 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def profile_table(step: Callable[[], object], *, steps: int, device: torch.device, row_limit: int = 40) -> str:
-    """torch.profiler summary of ``steps`` calls of ``step`` (after one untimed call): operators and
-    kernels sorted by their own device time (CPU time on a CPU), as text."""
+    """torch.profiler summary of ``steps`` calls of ``step`` (after one untimed call), as text: a header with
+    the wall, device-busy and host (self CPU) time per step, then operators and kernels sorted by their own
+    device time and, on a GPU, a second table sorted by their own host time (where the host is the
+    bottleneck, the GPU idles while it issues work: wall > device-busy)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     step()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(device)
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=90)
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    events = prof.key_averages()
+    host_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+    head = f"per step (under the profiler): wall {wall_ms:.1f} ms, host (self CPU) {host_ms:.1f} ms"
+    if cuda:
+        busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3 / steps
+        head += f", GPU-busy {busy_ms:.1f} ms"
+    text = head + "\n\n" + events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                         row_limit=row_limit, max_name_column_width=90)
+    if cuda:
+        text += "\n\nsorted by host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=row_limit,
+                                                            max_name_column_width=90)
+    return text
 
 
 def atomic_write_text(path: Path, text: str) -> None:

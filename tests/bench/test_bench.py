@@ -5,6 +5,7 @@ are written. GPU numbers come from `qwen3-next-mcore bench` on a GPU (docs/perfo
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -43,6 +44,9 @@ def test_small_run_checks_and_times_every_available_candidate(tmp_path):
     tables = {p.name: p.read_text() for p in (tmp_path / "profile").glob("*.txt")}
     assert len(tables) == sum(len(c) for c in expected.values()), sorted(tables)
     assert "aten::mm" in tables["moe_block__ours__grouped_GEMM_experts.txt"]
+    header = re.search(r"per step \(under the profiler\): wall ([0-9.]+) ms, host \(self CPU\) ([0-9.]+) ms",
+                       tables["moe_block__ours__grouped_GEMM_experts.txt"])
+    assert header and float(header[1]) > 0 and float(header[1]) >= 0.5 * float(header[2])
 
 
 def test_a_wrong_candidate_is_refused_and_not_timed():
