@@ -31,7 +31,8 @@ def build_model(
 ):
     """The model chunk of this rank (its pipeline stage), on this rank's device, parameters in ``dtype``.
 
-    Uses the layout of :func:`qwen3_next_mcore.parallel.initialize` (a single local process is set up
+    Installs our partial RoPE in megatron-core's attention (``ops.rope.use_fused_partial_rotary``: one
+    fused op instead of megatron's unfused chain where Transformer Engine's is not asked for). Uses the layout of :func:`qwen3_next_mcore.parallel.initialize` (a single local process is set up
     when nothing was initialised). ``transformer_overrides`` go to ``TransformerConfig`` (e.g.
     ``recompute_granularity``). Raises ValueError when the config cannot be split as asked.
     """
@@ -39,6 +40,7 @@ def build_model(
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from .. import parallel
+    from ..ops.rope import use_fused_partial_rotary
     from .language_model import Qwen3NextModel
 
     if not parallel.is_initialized():
@@ -49,6 +51,7 @@ def build_model(
         raise ValueError("context_parallel > 1 is not supported yet: the Gated DeltaNet mixer has no "
                          "context-parallel recurrence and the local attention backend none either")
     tc = to_transformer_config(config, layout, params_dtype=dtype, **transformer_overrides)
+    use_fused_partial_rotary()
     spec = get_qwen3_next_stack_spec(config, backend, op_backends, experts)
     pattern = hybrid_layer_pattern(config, layout.pipeline_parallel)
     model = Qwen3NextModel(
