@@ -21,7 +21,7 @@ import importlib.util
 import logging
 import os
 import shutil
-from functools import cache
+from functools import cache, wraps
 from pathlib import Path
 
 import torch
@@ -293,15 +293,26 @@ def compiled_op_backend(op: str, env: KernelEnv, requested: str | None = None) -
 
 
 def compiled_or_eager(fn, backend: str):
-    """``fn`` itself for backend "torch"; for "compile", ``torch.compile(fn)``, made once per function."""
+    """``fn`` itself for backend "torch"; for "compile", ``torch.compile(fn)`` (made once per function)
+    called with its tensor arguments made contiguous. Contiguous is the layout every compiled graph
+    accepts: torch 2.11's Inductor, reusing a graph made dynamic by an earlier process (its on-disk
+    automatic-dynamic profile), failed in the backward on a strided view (the attention's q/k heads,
+    slices of the fused projection: a saved input's stride assertion); a copy is made only for such views."""
     return _compiled(fn) if backend == "compile" else fn
 
 
 @cache
 def _compiled(fn):
-    import torch
+    compiled = torch.compile(fn, dynamic=None)
 
-    return torch.compile(fn, dynamic=None)
+    @wraps(fn)
+    def call(*args, **kwargs):
+        def contiguous(a):
+            return a.contiguous() if isinstance(a, torch.Tensor) else a
+
+        return compiled(*map(contiguous, args), **{k: contiguous(v) for k, v in kwargs.items()})
+
+    return call
 
 
 _LOGGED: set[tuple] = set()

@@ -45,13 +45,7 @@ def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1
     x.dtype, computed in fp32 (fp64 for fp64 inputs) and cast once.
     """
     name = compiled_op_backend("zero_centered_rms_norm", env_for(x), backend)
-    if name == "compile":
-        # The q/k norms get head slices of the fused projection. torch 2.11's Inductor, reusing a graph
-        # made dynamic by an earlier process (its on-disk automatic-dynamic profile), failed on such a
-        # view in the backward (saved input's stride assertion); a contiguous input is the layout every
-        # compiled graph accepts, for one small copy.
-        return compiled_or_eager(_torch_zero_centered_rms_norm, name)(x.contiguous(), weight, eps)
-    return _torch_zero_centered_rms_norm(x, weight, eps)
+    return compiled_or_eager(_torch_zero_centered_rms_norm, name)(x, weight, eps)
 
 
 def _torch_gated_rms_norm(x, gate, weight, eps):

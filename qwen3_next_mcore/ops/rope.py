@@ -43,9 +43,7 @@ def partial_rotary(t: torch.Tensor, freqs: torch.Tensor, *, backend: str | None 
     rot = freqs.shape[-1]
     if rot % 2 or rot > t.shape[-1]:
         raise ValueError(f"partial_rotary: rotary dims {rot} must be even and at most the head dim {t.shape[-1]}")
-    name = compiled_op_backend("partial_rotary", env_for(t), backend)
-    # contiguous: the layout every compiled graph accepts (q/k arrive as views of the fused projection)
-    return compiled_or_eager(_rotate, name)(t.contiguous() if name == "compile" else t, freqs)
+    return compiled_or_eager(_rotate, compiled_op_backend("partial_rotary", env_for(t), backend))(t, freqs)
 
 
 def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
