@@ -95,7 +95,8 @@ def _step_with_clip_coeff(adam: torch.optim.Adam, step, *args, **kwargs):
             delattr(p, _PENDING)
     adam.grad_scale = None
     if coeffs and coeffs[0] is not None and all(c == coeffs[0] for c in coeffs):
-        adam.grad_scale = torch.tensor(1.0 / coeffs[0], dtype=torch.float32, device=with_grad[0].device)
+        # a fill on the device, not a copy from the host
+        adam.grad_scale = torch.full((), 1.0 / coeffs[0], dtype=torch.float32, device=with_grad[0].device)
     else:
         for c in {c for c in coeffs if c is not None}:
             torch._foreach_mul_([p.grad for p, pc in zip(with_grad, coeffs) if pc == c], c)
@@ -110,8 +111,9 @@ def _install_deferred_clip() -> None:
     optimizers call it; idempotent."""
     from megatron.core.optimizer import optimizer as mopt
 
-    if not isinstance(mopt.clip_grad_by_total_norm_fp32, functools.partial):
-        mopt.clip_grad_by_total_norm_fp32 = functools.partial(_deferred_clip, mopt.clip_grad_by_total_norm_fp32)
+    current = mopt.clip_grad_by_total_norm_fp32
+    if getattr(current, "func", None) is not _deferred_clip:
+        mopt.clip_grad_by_total_norm_fp32 = functools.partial(_deferred_clip, current)
         log.info("gradient clipping folded into torch's fused AdamW (grad_scale) where it steps")
 
 
