@@ -58,7 +58,7 @@ def _ours_step(config, hf_state, ids, dtype, recompute: dict):
     def step() -> float:
         out, _, _ = optimizer_step([ddp], optimizer, [batch])
         get_moe_metrics_tracker().clear()  # the training loop reads and clears it every iteration
-        return out.get("lm loss")
+        return float(out["lm loss"])  # read after the whole step is issued, as the training loop does
 
     return step, (ddp, optimizer)
 

@@ -14,7 +14,8 @@ on an H200, and most steps clip); the fused kernel can divide the gradients by a
 reads them (torch's AMP interface for fused optimizers). For parameters whose optimizer folds, megatron's
 ``clip_grad_by_total_norm_fp32`` records the coefficient on the parameter instead of scaling, and the
 optimizer's step turns it into ``grad_scale``; anything else (TE/Apex or foreach optimizers, decoupled
-gradients, tensor coefficients) is clipped by megatron as before.
+gradients) is clipped by megatron as before. With the norm kept on the device (:mod:`.multi_tensor`) the
+coefficient is a device tensor and becomes ``grad_scale`` on the device.
 """
 
 from __future__ import annotations
@@ -87,23 +88,42 @@ def _step_with_clip_coeff(adam: torch.optim.Adam, step, *args, **kwargs):
     """``adam.step`` with the pending clip coefficients applied: one coefficient for every parameter with a
     gradient (megatron-core's case: one norm, one coefficient) becomes ``grad_scale = 1 / coeff``; mixed
     ones (some parameters clipped by another norm group, or not at all) are applied in place as megatron
-    would, and the step runs unscaled."""
+    would, and the step runs unscaled. A coefficient may be a float or a one-element device tensor (the
+    norm kept on the device, :mod:`.multi_tensor`); neither is read on the host here."""
     with_grad = [p for g in adam.param_groups for p in g["params"] if p.grad is not None]
     coeffs = [getattr(p, _PENDING, None) for p in with_grad]
     for p in with_grad:
         if hasattr(p, _PENDING):
             delattr(p, _PENDING)
     adam.grad_scale = None
-    if coeffs and coeffs[0] is not None and all(c == coeffs[0] for c in coeffs):
-        # a fill on the device, not a copy from the host
-        adam.grad_scale = torch.full((), 1.0 / coeffs[0], dtype=torch.float32, device=with_grad[0].device)
+    first = coeffs[0] if coeffs else None
+    if first is not None and all(_same_coeff(c, first) for c in coeffs):
+        device = with_grad[0].device
+        if isinstance(first, torch.Tensor):
+            adam.grad_scale = first.reshape(()).to(device=device, dtype=torch.float32).reciprocal()
+        else:  # a fill on the device, not a copy from the host
+            adam.grad_scale = torch.full((), 1.0 / first, dtype=torch.float32, device=device)
     else:
-        for c in {c for c in coeffs if c is not None}:
-            torch._foreach_mul_([p.grad for p, pc in zip(with_grad, coeffs) if pc == c], c)
+        groups: list[tuple[object, list[torch.Tensor]]] = []
+        for p, c in zip(with_grad, coeffs):
+            if c is not None:
+                match = next((g for k, g in groups if _same_coeff(k, c)), None)
+                if match is None:
+                    groups.append((c, match := []))
+                match.append(p.grad)
+        for c, grads in groups:
+            torch._foreach_mul_(grads, c.reshape(()) if isinstance(c, torch.Tensor) else c)
     try:
         return step(*args, **kwargs)
     finally:
         adam.grad_scale = None
+
+
+def _same_coeff(a, b) -> bool:
+    """The same clip coefficient: the same tensor object (one per clipping call), or equal floats."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return a == b
 
 
 def _install_deferred_clip() -> None:
@@ -120,13 +140,19 @@ def _install_deferred_clip() -> None:
 def _deferred_clip(megatron_clip, parameters, max_norm, total_norm, use_decoupled_grad: bool = False):
     """megatron-core's ``clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm)``: when every
     parameter with a gradient belongs to a folding fused Adam, record ``max_norm / (total_norm + 1e-6)`` on
-    them if it is below 1 (megatron scales only then) instead of scaling; otherwise megatron's own."""
+    them instead of scaling: a float coefficient only if it is below 1 (megatron scales only then), a
+    tensor norm's coefficient clamped to at most 1 on the device (as megatron does it). Otherwise
+    megatron's own clipping."""
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     with_grad = [p for p in params if p.grad is not None]
-    if (use_decoupled_grad or isinstance(total_norm, torch.Tensor) or not with_grad
-            or not all(getattr(p, _FOLDS, False) for p in with_grad)):
+    if use_decoupled_grad or not with_grad or not all(getattr(p, _FOLDS, False) for p in with_grad):
         return megatron_clip(parameters, max_norm, total_norm, use_decoupled_grad)
-    coeff = max_norm / (total_norm + 1.0e-6)
-    if coeff < 1.0:
-        for p in with_grad:
-            setattr(p, _PENDING, coeff)
+    if isinstance(total_norm, torch.Tensor):
+        coeff = (max_norm / (total_norm.float() + 1.0e-6)).clamp_max(1.0)
+    else:
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff >= 1.0:
+            return None
+    for p in with_grad:
+        setattr(p, _PENDING, coeff)
+    return None

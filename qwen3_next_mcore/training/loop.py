@@ -78,7 +78,7 @@ def _build(cfg: TrainConfig, hf_weights=None, model_config=None):
 
     from ..model import build_model, load_hf_weights
     from .fused_adam import use_fused_adam
-    from .multi_tensor import use_foreach_multi_tensor_ops
+    from .multi_tensor import keep_chained_grad_norm_on_device, use_foreach_multi_tensor_ops
 
     model_cfg = model_config or cfg.model()
     backend = "te" if cfg.transformer_impl == "transformer_engine" else "local"
@@ -106,6 +106,7 @@ def _build(cfg: TrainConfig, hf_weights=None, model_config=None):
     use_foreach_multi_tensor_ops()  # megatron-core's TE/Apex-less grad norm synchronised once per tensor
     optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=not torch.cuda.is_available())
     use_fused_adam(optimizer)  # megatron-core's torch fallback would run the multi-pass foreach Adam
+    keep_chained_grad_norm_on_device(optimizer)  # the dense + expert optimizers' norms combined on the GPU
     # steps are counted in iterations (Megatron-LM counts samples; the schedule is the same)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.lr_warmup_iters,
@@ -156,9 +157,9 @@ def _global_loss(local: dict) -> float:
     from megatron.core import parallel_state as ps
 
     mine = "lm loss" in local and ps.get_tensor_model_parallel_rank() == 0
-    t = torch.tensor([local["lm loss"] if mine else 0.0, 1.0 if mine else 0.0], dtype=torch.float64)
-    if torch.cuda.is_available():
-        t = t.cuda()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    loss = torch.as_tensor(local["lm loss"] if mine else 0.0, dtype=torch.float64, device=device)
+    t = torch.stack([loss.reshape(()), torch.tensor(1.0 if mine else 0.0, dtype=torch.float64, device=device)])
     dist.all_reduce(t)
     return float(t[0] / t[1])
 
@@ -250,16 +251,18 @@ def _write(m: dict, json_file, writer) -> None:
         writer.flush()
 
 
-def optimizer_step(chunks, optimizer, micro_batches) -> tuple[dict, bool, float | None]:
+def optimizer_step(chunks, optimizer, micro_batches) -> tuple[dict, bool, float | torch.Tensor | None]:
     """One training iteration's compute: clear the gradient buffers, forward/backward over the
     micro-batches, ``finalize_model_grads``, the optimizer step (clipping included). Returns (this
-    rank's losses of the schedule, whether the step was applied, the grad norm)."""
+    rank's losses of the schedule, whether the step was applied, the grad norm). The loss (and, with the
+    norm kept on the device, the grad norm) are device tensors: nothing here waits for the GPU, so the
+    host issues the optimizer step while the GPU still runs the backward; read them afterwards."""
     from megatron.core.distributed import finalize_model_grads
 
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    local = forward_backward(chunks, micro_batches)
+    local = forward_backward(chunks, micro_batches, loss_on_device=True)
     finalize_model_grads(chunks)
     ok, grad_norm, _ = optimizer.step()
     return local, ok, grad_norm

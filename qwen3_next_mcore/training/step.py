@@ -35,11 +35,14 @@ def _forward_step(data_iterator, model):
     return output, partial(lm_loss_func, batch["loss_mask"].to(device))
 
 
-def forward_backward(model, micro_batches: Iterable[dict], *, forward_only: bool = False) -> dict:
+def forward_backward(model, micro_batches: Iterable[dict], *, forward_only: bool = False,
+                     loss_on_device: bool = False) -> dict:
     """Run megatron-core's schedule (no pipelining, or 1F1B under pipeline parallelism) over
     ``micro_batches`` (a list of dicts as in the module docstring). Gradients accumulate in
     ``param.grad`` (or ``main_grad`` under megatron's DDP). Returns {'lm loss': mean} on the last
-    pipeline stage, {} elsewhere."""
+    pipeline stage, {} elsewhere: a float, or with ``loss_on_device`` a 0-d fp32 tensor on the loss's
+    device (reading it as a float waits for the GPU; the training step reads it after issuing the
+    optimizer step, so the GPU never idles there)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     chunks = model if isinstance(model, list) else [model]
@@ -53,4 +56,5 @@ def forward_backward(model, micro_batches: Iterable[dict], *, forward_only: bool
         return {}
     # the objective: the mean over micro-batches of each micro-batch's token-mean loss
     means = [o["lm loss"][0] / o["lm loss"][1].clamp(min=1) for o in out]
-    return {"lm loss": torch.stack(means).mean().item()}
+    mean = torch.stack(means).mean()
+    return {"lm loss": mean if loss_on_device else mean.item()}

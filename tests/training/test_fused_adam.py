@@ -60,7 +60,7 @@ def _steps(rank, distributed: bool, bf16: bool, fused: bool, steps: int = 3):
         (ddp(x) * 20).backward()  # gradient norms of 20..60: clip_grad=1 clips every step
         ddp.finish_grad_sync()
         _, grad_norm, _ = opt.step()
-        norms.append(grad_norm)
+        norms.append(float(grad_norm))
     mains = [copy.deepcopy(p.detach()).cpu() for o in torch_adams(opt) for g in o.param_groups for p in g["params"]]
     flags = [g["fused"] for o in torch_adams(opt) for g in o.param_groups]
     parallel.destroy()
@@ -138,7 +138,8 @@ def test_folded_clipping_mixed_and_unmarked_parameters():
         assert getattr(inner, "grad_scale", None) is None and not any(hasattr(p, fa._PENDING) for p in ps)
         return torch.cat([p.detach() for p in ps])
 
-    for coeffs in ([0.25, 0.25], [0.25, 0.5], [0.25, None], [None, None]):
+    t1, t2 = torch.tensor([0.25]), torch.tensor([0.5])  # coefficients kept on the device, one per clip call
+    for coeffs in ([0.25, 0.25], [0.25, 0.5], [0.25, None], [None, None], [t1, t1], [t1, t2], [t1, None]):
         torch.testing.assert_close(run(coeffs, True), run(coeffs, False), rtol=1e-6, atol=1e-7)
     assert not torch.allclose(run([0.25, 0.25], True), run([None, None], True))  # the coefficient acts
 

@@ -7,7 +7,12 @@ from __future__ import annotations
 import torch
 
 from qwen3_next_mcore.testing.distributed import run_distributed
-from qwen3_next_mcore.training.multi_tensor import foreach_copy_this_to_that, foreach_l2_norm, foreach_scale
+from qwen3_next_mcore.training.multi_tensor import (
+    foreach_copy_this_to_that,
+    foreach_l2_norm,
+    foreach_scale,
+    foreach_scale_tensor,
+)
 
 
 def _tensors(dtype=torch.float32):
@@ -36,6 +41,13 @@ def test_scale_and_copy_match_the_loops_they_replace():
     assert all(torch.equal(a, s.bfloat16()) for a, s in zip(copies, src))
     foreach_scale(0, None, [src, copies], 1.0)
     assert all(torch.equal(a, s.bfloat16()) for a, s in zip(copies, src))
+    scale = torch.tensor([0.3])
+    inplace = [t.clone() for t in src]
+    foreach_scale_tensor(0, None, [inplace, inplace], scale)
+    assert all(torch.equal(a, s * 0.3) for a, s in zip(inplace, src))
+    to_bf16 = [torch.empty_like(t, dtype=torch.bfloat16) for t in src]
+    foreach_scale_tensor(0, None, [src, to_bf16], scale)
+    assert all(torch.equal(a, (s * 0.3).bfloat16()) for a, s in zip(to_bf16, src))
 
 
 def _clipped_step(rank, ours: bool):
