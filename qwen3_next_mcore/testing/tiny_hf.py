@@ -6,6 +6,8 @@ checkpoints' naming, and :class:`HFMTPReference` computes spec 3.6 with transfor
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -127,6 +129,10 @@ class HFMTPReference(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor):
         """-> (main logits [B, S, V], MTP logits [B, S, V]); the last MTP position sees token id 0
         as its next token, as megatron-core's roll fills it."""
+        with transformers_torch_kernels(input_ids.device):
+            return self._forward(input_ids)
+
+    def _forward(self, input_ids: torch.Tensor):
         out = self.hf.model(input_ids=input_ids)
         h = out.last_hidden_state
         logits = self.hf.lm_head(h)
@@ -144,6 +150,33 @@ class HFMTPReference(torch.nn.Module):
         if isinstance(x, tuple):
             x = x[0]
         return logits, self.hf.lm_head(self.norm(x))
+
+
+# transformers' Qwen3-Next functions that it binds, at import, to flash-linear-attention's or
+# causal-conv1d's kernels when those are installed (GPU-only Triton kernels)
+_KERNEL_FUNCTIONS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+                     "causal_conv1d_update")
+
+
+@contextlib.contextmanager
+def transformers_torch_kernels(device: torch.device):
+    """On a CPU ``device``, run transformers' Qwen3-Next with its own torch functions even where fla is
+    installed (transformers picks fla's kernels at import, whatever the tensors' device, and fla's Triton
+    kernels cannot take CPU tensors: a float64 CPU reference on a GPU machine failed in fla's l2norm).
+    Elsewhere a no-op."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    from transformers.models.qwen3_next import modeling_qwen3_next as m
+
+    saved = {name: getattr(m, name) for name in _KERNEL_FUNCTIONS if hasattr(m, name)}
+    try:
+        for name, fn in saved.items():
+            setattr(m, name, inspect.unwrap(fn))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(m, name, fn)
 
 
 def _fuse_experts(state: dict, num_experts: int) -> dict:
