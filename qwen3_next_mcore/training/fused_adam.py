@@ -36,11 +36,18 @@ def torch_adams(optimizer) -> list[torch.optim.Adam]:
     return [o for o in inner if isinstance(o, torch.optim.Adam)]
 
 
-def use_fused_adam(optimizer) -> str:
+def use_fused_adam(optimizer, kernel: str = "auto") -> str:
     """Switch megatron-core's torch Adam(W) optimizers to torch's fused kernel where every parameter is a
     floating-point tensor on a device the kernel supports; existing step counters move to the weights'
     device as float32, where the fused kernel reads them. Idempotent. Returns the
-    implementation now in use ("fused", "foreach" or "not torch" when megatron chose TE/Apex), and logs it."""
+    implementation now in use ("fused", "foreach" or "not torch" when megatron chose TE/Apex), and logs it.
+
+    ``kernel``: which one-pass kernel steps a fused optimizer: "torch" (torch's fused AdamW), "triton"
+    (:func:`qwen3_next_mcore.ops.adamw.adamw_multi_tensor`, which also writes megatron's bf16/fp16 model
+    weights in the same pass, so megatron's copy from the main weights is skipped; CUDA, decoupled
+    weight decay, no amsgrad/maximize/capturable), or "auto" (the Triton one where it applies)."""
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"use_fused_adam: kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     adams = torch_adams(optimizer)
@@ -62,9 +69,117 @@ def use_fused_adam(optimizer) -> str:
             if "step" in state:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
         _fold_clipping(o)
-    log.info("optimizer: torch AdamW, fused kernel (%d tensors, %s)", len(params),
-             ", ".join(sorted({p.device.type for p in params})))
+    blockers = _multi_tensor_blockers(adams)
+    if kernel == "triton" and blockers:
+        raise ValueError(f"use_fused_adam: kernel='triton' is not usable here: {blockers}")
+    if kernel != "torch" and not blockers:
+        copies = _use_multi_tensor_kernel(optimizer, adams)
+        log.info("optimizer: AdamW, one Triton pass over %d tensors (qwen3_next_mcore.ops.adamw) writing %d "
+                 "bf16/fp16 model weights", len(params), copies)
+    else:
+        for o in adams:
+            setattr(o, _KERNEL, "torch")
+        why = f" ({blockers})" if kernel == "auto" else " (asked for)"
+        log.info("optimizer: torch AdamW, fused kernel (%d tensors, %s)%s", len(params),
+                 ", ".join(sorted({p.device.type for p in params})), why if blockers or kernel == "torch" else "")
     return "fused"
+
+
+_KERNEL = "_qnm_adamw_kernel"  # on each torch Adam: "torch" or "triton", the kernel its step runs
+_COPIES = "_qnm_adamw_model_copies"  # {id(main weight): megatron's bf16/fp16 model weight}
+_WROTE = "_qnm_adamw_wrote_model_params"  # set by a Triton step, consumed by megatron's copy
+
+
+def _multi_tensor_blockers(adams) -> str:
+    """Why the Triton multi-tensor AdamW cannot step these optimizers ("" when it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    for o in adams:
+        for g in o.param_groups:
+            decoupled = g.get("decoupled_weight_decay", isinstance(o, torch.optim.AdamW))
+            if not decoupled and g.get("weight_decay", 0):
+                return "Adam with L2 weight decay (not decoupled)"
+            for flag in ("amsgrad", "maximize", "capturable", "differentiable"):
+                if g.get(flag):
+                    return f"{flag}=True"
+            if isinstance(g["lr"], torch.Tensor):
+                return "a tensor learning rate"
+            for p in g["params"]:
+                if not (p.is_cuda and p.dtype == torch.float32):
+                    return f"a {p.dtype} parameter on {p.device.type}"
+    return ""
+
+
+def _use_multi_tensor_kernel(optimizer, adams) -> int:
+    """Route ``adams``' steps through the Triton kernel and let it write megatron's low-precision model
+    weights (Float16OptimizerWithFloat16Params: ``float16_groups`` beside ``fp32_from_float16_groups``);
+    returns how many it writes."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    copies = 0
+    for adam in adams:
+        setattr(adam, _KERNEL, "triton")
+        setattr(adam, _COPIES, {})
+        adam._qnm_adamw_plans = {}
+    for part in parts:
+        adam = getattr(part, "optimizer", None)
+        if adam not in adams or not hasattr(part, "fp32_from_float16_groups") or type(part).__name__ != \
+                "Float16OptimizerWithFloat16Params":
+            continue  # the distributed optimizer's shards keep megatron-core's copy
+        mapping = getattr(adam, _COPIES)
+        for models, mains in zip(part.float16_groups, part.fp32_from_float16_groups):
+            for model, main in zip(models, mains):
+                if model.dtype in (torch.bfloat16, torch.float16) and model.is_contiguous():
+                    mapping[id(main)] = model
+        if mapping and not getattr(part, "_qnm_copy_skips", False):
+            part._copy_main_params_to_model_params = functools.partial(
+                _copy_unless_written, adam, part._copy_main_params_to_model_params)
+            part._qnm_copy_skips = True
+        copies += len(mapping)
+    return copies
+
+
+def _copy_unless_written(adam, copy) -> None:
+    """megatron-core's main -> model weight copy, skipped once after a Triton step that wrote every model
+    weight already."""
+    if getattr(adam, _WROTE, False):
+        setattr(adam, _WROTE, False)
+        return
+    copy()
+
+
+@torch.no_grad()
+def _multi_tensor_step(adam: torch.optim.Adam, grad_scale: torch.Tensor | None) -> None:
+    """``adam.step()`` as :func:`qwen3_next_mcore.ops.adamw.adamw_multi_tensor` per parameter group (the
+    state initialised as torch's fused AdamW does), writing the model weights it knows."""
+    from ..ops.adamw import adamw_multi_tensor
+
+    mapping = getattr(adam, _COPIES)
+    written = 0
+    for index, group in enumerate(adam.param_groups):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        states = []
+        for p in params:
+            state = adam.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(state)
+        models = [mapping.get(id(p)) for p in params]
+        written += sum(m is not None for m in models)
+        beta1, beta2 = group["betas"]
+        adamw_multi_tensor(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                           [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
+                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                           grad_scale=grad_scale, model_params=models,
+                           plan_cache=adam._qnm_adamw_plans.setdefault(index, {}))
+    # megatron's copy is skipped only if it had nothing left to do (a weight without a gradient this step
+    # was not stepped, and megatron copies every weight)
+    setattr(adam, _WROTE, bool(mapping) and written == len(mapping))
 
 
 # Attributes megatron-style on the main parameters: "this parameter's optimizer folds clipping" and the
@@ -114,6 +229,8 @@ def _step_with_clip_coeff(adam: torch.optim.Adam, step, *args, **kwargs):
         for c, grads in groups:
             torch._foreach_mul_(grads, c.reshape(()) if isinstance(c, torch.Tensor) else c)
     try:
+        if getattr(adam, _KERNEL, "torch") == "triton" and not args and not kwargs:
+            return _multi_tensor_step(adam, adam.grad_scale)
         return step(*args, **kwargs)
     finally:
         adam.grad_scale = None

@@ -63,8 +63,11 @@ def _steps(rank, distributed: bool, bf16: bool, fused: bool, steps: int = 3):
         norms.append(float(grad_norm))
     mains = [copy.deepcopy(p.detach()).cpu() for o in torch_adams(opt) for g in o.param_groups for p in g["params"]]
     flags = [g["fused"] for o in torch_adams(opt) for g in o.param_groups]
+    kernels = [getattr(o, "_qnm_adamw_kernel", None) for o in torch_adams(opt)]
+    # the model's own weights after the steps (megatron's copy of the main weights, or the Triton kernel's)
+    models = [p.detach().float().cpu() for p in ddp.module.parameters()]
     parallel.destroy()
-    return impl, flags, mains, norms, len(in_place_clips)
+    return impl, flags, mains, norms, len(in_place_clips), kernels, models
 
 
 _gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -77,9 +80,15 @@ def test_fused_adam_matches_foreach_through_megatron_optimizer(distributed, bf16
 
     """Also the clipping folded into the fused kernel: the same weights as megatron's in-place clipping, and
     the main gradients left unscaled."""
-    (impl, flags, fused, norms, clips), = run_distributed(_steps, 1, args=(distributed, bf16, True))
-    (_, base_flags, foreach, base_norms, base_clips), = run_distributed(_steps, 1, args=(distributed, bf16, False))
+    (impl, flags, fused, norms, clips, kernels, models), = run_distributed(_steps, 1, args=(distributed, bf16, True))
+    (_, base_flags, foreach, base_norms, base_clips, _, base_models), = run_distributed(
+        _steps, 1, args=(distributed, bf16, False))
     assert impl == "fused" and flags and all(flags) and not any(base_flags)
+    # on a GPU the Triton multi-tensor kernel steps (and writes the bf16 weights), on CPU torch's fused one
+    assert set(kernels) == ({"triton"} if torch.cuda.is_available() else {"torch"}), kernels
+    assert len(models) == len(base_models) > 0
+    for a, b in zip(models, base_models):  # bf16 copies of main weights equal to rounding: at most 1 bf16 unit
+        torch.testing.assert_close(a, b, rtol=2**-7 if bf16 else 1e-6, atol=1e-7)
     assert min(norms) > 10 and norms == pytest.approx(base_norms, rel=1e-5)  # every step clips
     assert clips == 0 and base_clips >= 3  # folded: megatron's in-place scaling never ran
     assert len(fused) == len(foreach) > 0
