@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .cases import LAYER_CASES, Case, Shape, _Models
+from .optimizer_step import run_optimizer_step
 from .timing import (
     atomic_write_text,
     fwd_bwd_step,
@@ -30,7 +31,7 @@ from .timing import (
 from .train_step import run_train_step
 
 log = logging.getLogger(__name__)
-CASES = (*LAYER_CASES, "train-step")
+CASES = (*LAYER_CASES, "optimizer-step", "train-step")
 
 
 def environment(device: torch.device) -> dict:
@@ -166,7 +167,15 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
     for name in names:
         log.info("benchmark %s", name)
         try:
-            if name == "train-step":
+            if name == "optimizer-step":
+                models = None
+                gc.collect()
+                from ..config import get_preset
+
+                preset = get_preset("tiny" if size == "small" else "proxy")
+                report["cases"][name] = run_optimizer_step(preset.model_copy(update={"mtp_num_layers": 0}),
+                                                           device=dev, warmup=warmup, reps=reps)
+            elif name == "train-step":
                 models = None  # free the layer cases' model: each candidate runs in its own process
                 gc.collect()
                 if dev.type == "cuda":
@@ -221,7 +230,22 @@ def markdown(report: dict) -> str:
         if "error" in res:
             lines += [f"failed: {res['error']}", ""]
             continue
-        if name == "train-step":
+        if name == "optimizer-step":
+            lines += [(f"AdamW over the model's {res['weights'] / 1e9:.2f} B weights ({res['tensors']} tensors): "
+                       f"fp32 main weights, gradients and moments, bf16 model weights; floor {res['floor_ms']:.2f} ms "
+                       f"= 30 bytes per weight at the copy bandwidth measured in this run "
+                       f"({res['copy_gbps']:.0f} GB/s)"), "",
+                      ("| candidate | step ms | GB/s (30 B/weight) | / floor | max rel error (fp32, bf16) | "
+                       "speedup vs others |"), "|---|---|---|---|---|---|"]
+            for r in res["rows"]:
+                errs = f"{r['max_rel_error']:.1e}, {r['max_rel_error_bf16']:.1e}"
+                if "refused" in r:
+                    lines.append(f"| {r['candidate']} | not timed: {r['refused']} | | | {errs} | |")
+                    continue
+                sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
+                lines.append(f"| {r['candidate']} | {r['median_ms']:.2f} | {r['gbps']:.0f} | {r['vs_floor']:.2f} | "
+                             f"{errs} | {sp} |")
+        elif name == "train-step":
             c = res["config"]
             lines += [f"{c['preset']}: {c['layers']} layers, {c['experts']} experts top-{c['top_k']}, batch "
                       f"{c['batch']} x {c['seq']}, {c['dtype']}; {res['flops_per_step'] / 1e12:.1f} TFLOP per step "

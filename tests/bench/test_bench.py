@@ -49,6 +49,25 @@ def test_small_run_checks_and_times_every_available_candidate(tmp_path):
     assert header and float(header[1]) > 0 and float(header[1]) >= 0.5 * float(header[2])
 
 
+def test_optimizer_step_case_on_cpu(tmp_path):
+    """The torch AdamW candidates against the float64 reference on the tiny model's weight shapes (our
+    Triton kernel is CUDA-only: listed as unavailable), and the markdown table."""
+    from qwen3_next_mcore.bench.optimizer_step import OURS
+    from qwen3_next_mcore.bench.runner import markdown, run_optimizer_step
+    from qwen3_next_mcore.config import get_preset
+
+    res = run_optimizer_step(get_preset("tiny"), device=torch.device("cpu"), warmup=0, reps=1)
+    rows = {r["candidate"]: r for r in res["rows"]}
+    assert len(rows) == 2 and OURS in res["unavailable"]
+    for r in rows.values():
+        assert "refused" not in r and r["max_rel_error"] < 1e-6 and r["max_rel_error_bf16"] <= 2**-8
+        assert r["median_ms"] > 0 and r["gbps"] > 0
+    assert res["weights"] > 1e5 and res["floor_ms"] > 0
+    md = markdown({"environment": {"device": "cpu", "date": "now"}, "shape": {}, "matmul_tflops": 1.0, "reps": 1,
+                   "warmup": 0, "cases": {"optimizer-step": res}})
+    assert "## optimizer-step" in md and "torch fused AdamW + bf16 copy |" in md
+
+
 def test_a_wrong_candidate_is_refused_and_not_timed():
     from qwen3_next_mcore.bench.cases import Candidate, Case
     from qwen3_next_mcore.bench.runner import run_layer_case
