@@ -63,96 +63,104 @@ def _get_kernel():
 
     @triton.jit
     def adamw_kernel(tensor_of_block, block_in_tensor, numels, p_base, p_off, g_base, g_off, m_base, m_off,
-                     v_base, v_off, s_base, s_off, w_base, w_off, w_has, grad_scale, lr, beta1, beta2, eps,
-                     weight_decay,
-                     HAS_SCALE: tl.constexpr, WRITE_MODEL: tl.constexpr, ALIGNED: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        # the table holds each tensor's element offset from a base tensor of its role (so the loads keep the
-        # base's alignment facts and vectorise): p_base + p_off[t] is tensor t's weight, and so on
+                     v_base, v_off, w_base, w_off, w_has, step_sizes, bias2_sqrts, grad_scale, lr_wd, beta1,
+                     one_minus_beta1, beta2, one_minus_beta2, eps, HAS_SCALE: tl.constexpr, WRITE_MODEL: tl.constexpr, UNIT: tl.constexpr,
+                     W_UNIT: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr):
+        # The tables hold each tensor's offset from a base tensor of its role, in units of UNIT elements
+        # (16 bytes: 4 fp32, W_UNIT = 8 bf16, when every address is 16-byte aligned; else 1):
+        # p_base + p_off[t] * UNIT is tensor t's weight, and so on. Offsets that are known
+        # multiples of 16 bytes from an aligned base, and (EVEN: blocks entirely inside their tensor) no
+        # mask, let Triton use 16-byte vector loads and stores.
         pid = tl.program_id(0)
         t = tl.load(tensor_of_block + pid)
-        n = tl.load(numels + t)
         offs = tl.load(block_in_tensor + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        po, go, mo, vo = tl.load(p_off + t), tl.load(g_off + t), tl.load(m_off + t), tl.load(v_off + t)
-        if ALIGNED:  # every address 16-byte aligned (checked on the host): 4 fp32 per vector load
-            po, go = tl.multiple_of(po, 4), tl.multiple_of(go, 4)
-            mo, vo = tl.multiple_of(mo, 4), tl.multiple_of(vo, 4)
-        step = tl.load(s_base + tl.load(s_off + t))
-        bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-        bias2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
-        p = tl.load(p_base + po + offs, mask=mask, other=0.0)
-        g = tl.load(g_base + go + offs, mask=mask, other=0.0)
-        m = tl.load(m_base + mo + offs, mask=mask, other=0.0)
-        v = tl.load(v_base + vo + offs, mask=mask, other=0.0)
+        if EVEN:
+            mask, other = None, None
+        else:
+            mask, other = offs < tl.load(numels + t), 0.0
+        p_ptr = p_base + tl.load(p_off + t) * UNIT + offs
+        g_ptr = g_base + tl.load(g_off + t) * UNIT + offs
+        m_ptr = m_base + tl.load(m_off + t) * UNIT + offs
+        v_ptr = v_base + tl.load(v_off + t) * UNIT + offs
+        # lr / (1 - beta1^step) and sqrt(1 - beta2^step) of this tensor's step, made in float64 on the device
+        # (in fp32, 1 - 0.999^step loses four digits to cancellation)
+        step_size = tl.load(step_sizes + t)
+        bias2_sqrt = tl.load(bias2_sqrts + t)
+        p = tl.load(p_ptr, mask=mask, other=other)
+        g = tl.load(g_ptr, mask=mask, other=other)
+        m = tl.load(m_ptr, mask=mask, other=other)
+        v = tl.load(v_ptr, mask=mask, other=other)
         if HAS_SCALE:
             g = g / tl.load(grad_scale)
-        p = p - lr * weight_decay * p
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        p = p - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
-        tl.store(p_base + po + offs, p, mask=mask)
-        tl.store(m_base + mo + offs, m, mask=mask)
-        tl.store(v_base + vo + offs, v, mask=mask)
-        if WRITE_MODEL:
-            wo = tl.load(w_off + t)
+        p = p - lr_wd * p
+        m = beta1 * m + one_minus_beta1 * g
+        v = beta2 * v + one_minus_beta2 * g * g
+        p = p - step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
+        tl.store(p_ptr, p, mask=mask)
+        tl.store(m_ptr, m, mask=mask)
+        tl.store(v_ptr, v, mask=mask)
+        if WRITE_MODEL:  # noqa: SIM102 (a compile-time branch around a run-time one: Triton needs two ifs)
             if tl.load(w_has + t) != 0:  # this tensor has a low-precision copy
-                if ALIGNED:
-                    wo = tl.multiple_of(wo, 8)
-                tl.store(w_base + wo + offs, p.to(w_base.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+                w_ptr = w_base + tl.load(w_off + t) * W_UNIT + offs
+                tl.store(w_ptr, p.to(w_base.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
     return adamw_kernel
 
 
 @dataclass
 class _Plan:
-    """The launch tables of one parameter group (device tensors), valid while its tensors stay put."""
+    """The launch tables of one parameter group (device tensors), valid while its tensors stay put:
+    ``work[EVEN]`` = (tensor of each block, block index in it) for the blocks entirely inside their
+    tensor (EVEN=True) and for the last, partial block of each tensor (EVEN=False)."""
 
-    tensor_of_block: torch.Tensor
-    block_in_tensor: torch.Tensor
+    work: dict[bool, tuple[torch.Tensor, torch.Tensor]]
     numels: torch.Tensor
     offsets: dict[str, torch.Tensor]
     bases: dict[str, torch.Tensor]
-    aligned: bool
+    unit: int
+    w_unit: int
     write_model: bool
 
 
-def _offsets(tensors: Sequence[torch.Tensor | None], base: torch.Tensor) -> list[int]:
-    """Each tensor's start in elements from ``base``'s (0 for None)."""
-    size = base.element_size()
+def _offsets(tensors: Sequence[torch.Tensor | None], base: torch.Tensor, unit_bytes: int) -> list[int]:
+    """Each tensor's start from ``base``'s in units of ``unit_bytes`` (0 for None)."""
     out = []
     for t in tensors:
         if t is None:
             out.append(0)
             continue
         delta = t.data_ptr() - base.data_ptr()
-        if delta % size:
-            raise ValueError("adamw_multi_tensor: a tensor's address is not a whole number of elements from the "
-                             "first one's")
-        out.append(delta // size)
+        if delta % unit_bytes:
+            raise ValueError(f"adamw_multi_tensor: a tensor starts {delta} bytes from the first one of its kind, "
+                             f"not a multiple of {unit_bytes}")
+        out.append(delta // unit_bytes)
     return out
 
 
 def _plan(params, grads, exp_avgs, exp_avg_sqs, steps, model_params) -> _Plan:
-    roles = {"p": params, "g": grads, "m": exp_avgs, "v": exp_avg_sqs, "s": steps}
+    roles = {"p": params, "g": grads, "m": exp_avgs, "v": exp_avg_sqs}
     lows = [w for w in model_params if w is not None]
     if lows:
         roles["w"] = model_params
     device = params[0].device
+    aligned = all(t.data_ptr() % 16 == 0 for ts in roles.values() for t in ts if t is not None)
     bases = {name: next(t for t in ts if t is not None) for name, ts in roles.items()}
-    offsets = {name: _offsets(ts, bases[name]) for name, ts in roles.items()}  # may be negative
+    # offsets may be negative (another allocation below the base)
+    offsets = {name: _offsets(ts, bases[name], 16 if aligned else bases[name].element_size())
+               for name, ts in roles.items()}
     offsets["has_w"] = [int(w is not None) for w in model_params]
     numels = [p.numel() for p in params]
-    blocks = [(i, b) for i, n in enumerate(numels) for b in range(-(-n // BLOCK))]
-    aligned = all(t.data_ptr() % 16 == 0 for ts in roles.values() if ts is not steps for t in ts if t is not None)
+    full = [(i, b) for i, n in enumerate(numels) for b in range(n // BLOCK)]
+    tail = [(i, n // BLOCK) for i, n in enumerate(numels) if n % BLOCK]
 
     def dev(values, dtype):
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=False)
 
-    return _Plan(tensor_of_block=dev([i for i, _ in blocks], torch.int32),
-                 block_in_tensor=dev([b for _, b in blocks], torch.int32), numels=dev(numels, torch.int64),
-                 offsets={name: dev(o, torch.int64) for name, o in offsets.items()}, bases=bases, aligned=aligned,
-                 write_model=bool(lows))
+    work = {even: (dev([i for i, _ in blocks], torch.int32), dev([b for _, b in blocks], torch.int32))
+            for even, blocks in ((True, full), (False, tail)) if blocks}
+    return _Plan(work=work, numels=dev(numels, torch.int64),
+                 offsets={name: dev(o, torch.int64) for name, o in offsets.items()}, bases=bases,
+                 unit=4 if aligned else 1, w_unit=8 if aligned else 1, write_model=bool(lows))
 
 
 def adamw_multi_tensor(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -161,9 +169,10 @@ def adamw_multi_tensor(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                        weight_decay: float, grad_scale: torch.Tensor | None = None,
                        model_params: Sequence[torch.Tensor | None] | None = None,
                        plan_cache: dict | None = None) -> None:
-    """:func:`adamw_reference`'s step (same arguments and effects) as one Triton kernel launch plus one
-    ``_foreach_add_`` for the step counters. CUDA tensors (CPU ones only under Triton's interpreter,
-    ``TRITON_INTERPRET=1``, which the tests use; it rounds to bf16 toward zero); every tensor contiguous, params/grads/moments fp32
+    """:func:`adamw_reference`'s step (same arguments and effects) as two Triton kernel launches (the
+    blocks inside a tensor, unmasked, and each tensor's last partial block) plus one ``_foreach_add_`` for
+    the step counters. CUDA tensors (CPU ones only under Triton's interpreter, ``TRITON_INTERPRET=1``,
+    which the tests use; it rounds to bf16 toward zero); every tensor contiguous, params/grads/moments fp32
     of equal sizes, ``model_params`` entries bf16/fp16 (one dtype) of the same size or None. The launch
     tables (a host-to-device copy) are kept in ``plan_cache`` (the caller's dict; an optimizer keeps one)
     per set of tensor addresses and reused; without it they are built for this call."""
@@ -197,13 +206,18 @@ def adamw_multi_tensor(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
             plan_cache.clear()  # the tensors moved: the old tables point at freed memory
             plan_cache[key] = plan
     torch._foreach_add_(list(steps), 1.0)
+    # the scalars the kernel takes: rounded to fp32 from float64 (Triton passes Python floats as fp32;
+    # 1 - 0.999 in fp32 arithmetic on fp32(0.999) is off by 1.3e-5)
+    step64 = torch.stack(list(steps)).double()
+    step_sizes = (lr / (1.0 - torch.pow(beta1, step64))).float()
+    bias2_sqrts = torch.sqrt(1.0 - torch.pow(beta2, step64)).float()
     b, o = plan.bases, plan.offsets
     w_base, w_off = (b["w"], o["w"]) if plan.write_model else (b["p"], o["p"])
-    w_has = o["has_w"]
     scale = grad_scale.reshape(1).to(torch.float32) if grad_scale is not None else b["p"]
-    grid = (plan.tensor_of_block.numel(),)
-    _get_kernel()[grid](plan.tensor_of_block, plan.block_in_tensor, plan.numels, b["p"], o["p"], b["g"], o["g"],
-                        b["m"], o["m"], b["v"], o["v"], b["s"], o["s"], w_base, w_off, w_has, scale,
-                        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-                        HAS_SCALE=grad_scale is not None, WRITE_MODEL=plan.write_model, ALIGNED=plan.aligned,
-                        BLOCK=BLOCK, num_warps=8)
+    for even, (tensor_of_block, block_in_tensor) in plan.work.items():
+        _get_kernel()[(tensor_of_block.numel(),)](
+            tensor_of_block, block_in_tensor, plan.numels, b["p"], o["p"], b["g"], o["g"], b["m"], o["m"], b["v"],
+            o["v"], w_base, w_off, o["has_w"], step_sizes, bias2_sqrts, scale, float(lr * weight_decay),
+            float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
+            HAS_SCALE=grad_scale is not None, WRITE_MODEL=plan.write_model, UNIT=plan.unit, W_UNIT=plan.w_unit,
+            EVEN=even, BLOCK=BLOCK, num_warps=8)
