@@ -52,6 +52,35 @@ def measure(fn: Callable[[], object], *, warmup: int, reps: int, device: torch.d
     return Timing(statistics.median(times), min(times), reps)
 
 
+def measure_steps(step: Callable[[], object], *, warmup: int, reps: int, steps_per_window: int,
+                  device: torch.device) -> Timing:
+    """Per-step milliseconds of ``step`` issued back to back: ``reps`` windows of ``steps_per_window`` calls
+    each (no host synchronisation inside a window, as a training loop that reads each step's numbers
+    after issuing the next one runs), timed with CUDA events around the window (``time.perf_counter`` on
+    CPU); median and min over the windows of the window time / steps, after ``warmup`` calls."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps_per_window):
+                step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / steps_per_window)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps_per_window):
+                step()
+            times.append((time.perf_counter() - t0) * 1e3 / steps_per_window)
+    return Timing(statistics.median(times), min(times), reps)
+
+
 def time_fwd_bwd(forward: Callable[[], torch.Tensor], zero_grad: Callable[[], None], *, warmup: int,
                  reps: int, device: torch.device) -> tuple[Timing, Timing]:
     """(forward, forward+backward) timings of ``forward``; the backward takes one fixed random output

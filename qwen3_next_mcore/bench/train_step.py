@@ -9,7 +9,10 @@ SDPA attention; the loss from ``labels``. MTP is off in both (transformers has n
 also compute the load-balancing loss (transformers' forward does not unless asked).
 
 Correctness first: the first-step losses of every candidate must agree with transformers' within
-``tolerance`` (bf16), else the candidate is not timed. Tokens/s over timed steps (median step time),
+``tolerance`` (bf16), else the candidate is not timed. Timing: windows of four steps issued back to
+back, no host read of the loss inside a window (our training loop reads each iteration's numbers after
+issuing the next step; transformers' Trainer reads the loss at logging steps), the median window
+time per step over ``reps`` windows. Tokens/s over timed steps (median step time),
 TFLOP/s/GPU from :func:`qwen3_next_mcore.training.flops.training_flops` (the same count for both, with
 the recompute mode's extra forward counted as work for ours' MFU but not for the tokens/s comparison),
 and the peak memory of each.
@@ -23,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from .timing import measure, peak_memory_gb, profile_table, reset_peak_memory, write_profile
+from .timing import measure_steps, peak_memory_gb, profile_table, reset_peak_memory, write_profile
 
 log = logging.getLogger(__name__)
 
+STEPS_PER_WINDOW = 4  # steps issued back to back per timed window
 RECOMPUTE_MODES = {"none": {}, "selective": {"recompute_granularity": "selective"},
                    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
                    "offload": {"cpu_offloading": True, "cpu_offloading_num_layers": 64}}
@@ -55,10 +59,10 @@ def _ours_step(config, hf_state, ids, dtype, recompute: dict):
     tokens, labels = ids[:, :-1], ids[:, 1:]
     batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         out, _, _ = optimizer_step([ddp], optimizer, [batch])
         get_moe_metrics_tracker().clear()  # the training loop reads and clears it every iteration
-        return float(out["lm loss"])  # read after the whole step is issued, as the training loop does
+        return out["lm loss"]  # on the device: the training loop reads it after issuing the next step
 
     return step, (ddp, optimizer)
 
@@ -77,14 +81,14 @@ def _hf_step(config, hf_state, ids, dtype, device):
             model = model.to(dtype=dtype).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, betas=(0.9, 0.95),
                                     fused=device.type == "cuda")
-            def step(model=model, opt=opt, tokens=ids[:, :-1]) -> float:
+            def step(model=model, opt=opt, tokens=ids[:, :-1]) -> torch.Tensor:
                 opt.zero_grad(set_to_none=True)
                 loss = model(input_ids=tokens, labels=tokens).loss
                 loss.backward()
                 opt.step()
-                return float(loss.detach())
+                return loss.detach()  # read by the caller when it needs it (the Trainer reads at logging)
 
-            step()  # does this implementation run here? (also the first warm-up step)
+            float(step())  # does this implementation run here? (also the first warm-up step)
             return step, (model, opt), impl, errors
         except Exception as e:  # noqa: BLE001 - reported, next implementation tried
             errors[impl] = f"{type(e).__name__}: {e}"
@@ -131,12 +135,12 @@ def _candidate(rank: int, which: str, preset: str, overrides: dict, batch: int, 
     reset_peak_memory(device)
     if which == "transformers":
         step, keep, impl, errors = _hf_step(config, hf_state, ids, torch_dtype, device)
-        name, granularity, loss0 = f"transformers ({impl} experts, AdamW)", None, step()
+        name, granularity, loss0 = f"transformers ({impl} experts, AdamW)", None, float(step())
     else:
         step, keep = _ours_step(config, hf_state, ids, torch_dtype, RECOMPUTE_MODES[which])
         label = "activation offload" if which == "offload" else f"recompute {which}"
         name, granularity, errors = f"ours ({label})", RECOMPUTE_MODES[which].get("recompute_granularity"), {}
-        loss0 = step()
+        loss0 = float(step())
     del hf_state
     row = {"candidate": name, "loss_step0": loss0, "unavailable": errors}
     if reference_loss is not None:
@@ -146,7 +150,7 @@ def _candidate(rank: int, which: str, preset: str, overrides: dict, batch: int, 
                               f"(rel {err:.2e} > {tolerance})")
             parallel.destroy()
             return row
-    t = measure(step, warmup=warmup, reps=reps, device=device)
+    t = measure_steps(step, warmup=warmup, reps=reps, steps_per_window=STEPS_PER_WINDOW, device=device)
     seconds = t.median_ms / 1e3
     row.update(t.as_dict(), tokens_per_s=batch * seq / seconds, peak_gb=peak_memory_gb(device),
                tflops_per_gpu=training_flops(config, seq, batch) / seconds / 1e12,

@@ -151,33 +151,43 @@ def _datasets(cfg: TrainConfig, model_cfg, gbs: int):
     return split.train, valid, False, False
 
 
-def _global_loss(local: dict) -> float:
-    """The LM loss averaged over data-parallel replicas, known on every rank (the last pipeline stage
-    computes it; TP ranks hold copies, so only TP rank 0 contributes)."""
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _global_loss_tensor(local: dict) -> torch.Tensor:
+    """The LM loss averaged over data-parallel replicas, as a 0-d float64 tensor on every rank's device (the
+    last pipeline stage computes it; TP ranks hold copies, so only TP rank 0 contributes). Collective."""
     from megatron.core import parallel_state as ps
 
     mine = "lm loss" in local and ps.get_tensor_model_parallel_rank() == 0
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = _device()
     loss = torch.as_tensor(local["lm loss"] if mine else 0.0, dtype=torch.float64, device=device)
     t = torch.stack([loss.reshape(()), torch.tensor(1.0 if mine else 0.0, dtype=torch.float64, device=device)])
     dist.all_reduce(t)
-    return float(t[0] / t[1])
+    return t[0] / t[1]
+
+
+def _global_loss(local: dict) -> float:
+    """:func:`_global_loss_tensor` read as a float."""
+    return float(_global_loss_tensor(local))
 
 
 def _take_mtp_loss(num_micro: int) -> dict:
-    """This rank's MTP loss of the last schedule run ({'lm loss': mean over MTP layers and micro-batches},
-    {} when the model has none here), read from and then cleared in megatron-core's MTP tracker."""
+    """This rank's MTP loss of the last schedule run ({'lm loss': mean over MTP layers and micro-batches, a
+    0-d device tensor}, {} when the model has none here), read from and then cleared in megatron-core's
+    MTP tracker."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     values = MTPLossLoggingHelper.tracker.get("loss_values")
     if values is None:
         return {}
-    out = {"lm loss": float(values.sum()) / values.numel() / num_micro}
+    out = {"lm loss": values.sum() / values.numel() / num_micro}
     values.zero_()
     return out
 
 
-def _take_moe_aux_loss(tc, num_micro: int) -> float:
+def _take_moe_aux_loss(tc, num_micro: int) -> torch.Tensor:
     """The load-balancing loss of the last schedule run as megatron-core's routers record it (``E * sum_e
     f_e P_e`` before the coefficient; 1.0 for uniform routing): mean over the MoE layers (MTP included)
     and micro-batches, reduced over pipeline stages and averaged over data-parallel replicas, the same on
@@ -191,7 +201,37 @@ def _take_moe_aux_loss(tc, num_micro: int) -> float:
                                      force_initialize=True, num_layers=tc.num_layers,
                                      moe_layer_freq=moe_pattern, mtp_num_layers=tc.mtp_num_layers,
                                      total_loss_dict=totals)
-    return float(totals["load_balancing_loss"])
+    return torch.as_tensor(totals["load_balancing_loss"])  # a 0-d device tensor (megatron-core's sum)
+
+
+class _StepMetrics:
+    """One iteration's loss, MTP loss, MoE aux loss and grad norm (None where absent), reduced on the device
+    and copied to the host without waiting: the copy is queued behind the iteration's own work, so the
+    training loop can issue the next iteration first and read these after (the GPU then never idles while
+    the host prepares the next step, as it does after every blocking read)."""
+
+    def __init__(self, loss: torch.Tensor, mtp, aux, grad_norm):
+        device = loss.device
+        present = [x is not None for x in (mtp, aux, grad_norm)]
+        values = [loss] + [torch.as_tensor(x, device=device) for x in (mtp, aux, grad_norm) if x is not None]
+        stacked = torch.stack([v.reshape(()).to(torch.float64) for v in values])
+        self._present, self._event = present, None
+        if device.type == "cuda":
+            self._host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
+            self._host.copy_(stacked, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = stacked
+
+    def read(self) -> tuple[float, float | None, float | None, float | None]:
+        """(loss, mtp, aux, grad norm) as floats; waits for this iteration's work only."""
+        if self._event is not None:
+            self._event.synchronize()
+        values = iter(self._host.tolist())
+        loss = next(values)
+        mtp, aux, grad_norm = (next(values) if here else None for here in self._present)
+        return loss, mtp, aux, grad_norm
 
 
 def _memory_gb() -> tuple[float, float]:
@@ -324,39 +364,63 @@ def train(cfg: TrainConfig) -> list[dict]:
                            dp_size=dp, shuffle=shuffle, seed=cfg.seed, packed=packed)
     is_logger = dist.get_rank() == dist.get_world_size() - 1  # a last-stage rank, as Megatron-LM logs
     metrics: list[dict] = []
+    json_file = writer = None
+
+    def _finish(p: dict, since: float) -> float:
+        """Read iteration ``p``'s numbers (waiting for its work), evaluate and save if due, log, check for
+        divergence; returns the time of the read (the iteration time is the interval between reads)."""
+        loss, mtp, aux, grad_norm = p["metrics"].read()
+        now = time.perf_counter()
+        elapsed = now - since
+        it = p["iteration"]
+        mem, peak = _memory_gb()
+        m = {"iteration": it, "lm_loss": loss, "mtp_loss": mtp, "moe_aux_loss": aux, "lr": p["lr"],
+             "grad_norm": grad_norm, "consumed_samples": p["consumed"], "tokens_per_s": gbs * cfg.seq_length / elapsed,
+             "tflops_per_gpu": step_flops / elapsed / dist.get_world_size() / 1e12,
+             "mem_allocated_gb": mem, "mem_peak_gb": peak, "iteration_s": elapsed, "skipped": not p["ok"]}
+        last = cfg.stops_after(it)
+        extra = False  # evaluation or a checkpoint: not part of the next iteration's time
+        if valid is not None and (it % cfg.eval_interval == 0 or last):
+            m["valid_lm_loss"] = evaluate(cfg, chunks, valid, num_micro=num_micro, dp_rank=dp_rank, dp=dp,
+                                          packed=packed)
+            extra = True
+        metrics.append(m)
+        if is_logger and it % cfg.log_interval == 0:
+            _log_line(cfg, m)
+            if "valid_lm_loss" in m:
+                log.info("validation after iteration %d | lm loss %.6f", it, m["valid_lm_loss"])
+            _write(m, json_file, writer)
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            raise TrainingDiverged(f"iteration {it}: lm loss {loss}, grad norm {grad_norm}; "
+                                   "stopping (lower --lr, check the data, or use --bf16 instead of --fp16)")
+        if cfg.save is not None and ((cfg.save_interval and it % cfg.save_interval == 0) or last):
+            checkpoint.save(Path(cfg.save), it, chunks, optimizer, scheduler, consumed_samples=p["consumed"])
+            extra = True
+        return time.perf_counter() if extra else now
+
     with ExitStack() as outputs:
         json_file, writer = _open_outputs(cfg, outputs) if is_logger else (None, None)
         done = iteration >= cfg.train_iters
+        pending = None
+        last_read = time.perf_counter()
         while not done:
-            start = time.perf_counter()
             local, ok, grad_norm = optimizer_step(chunks, optimizer, batches.take(num_micro))
-            loss = _global_loss(local)
-            mtp = _global_loss(_take_mtp_loss(num_micro)) if model_cfg.mtp_num_layers else None
-            aux = _take_moe_aux_loss(ddp.module.config, num_micro) if aux_coeff > 0 else None
+            step_metrics = _StepMetrics(
+                _global_loss_tensor(local),
+                _global_loss_tensor(_take_mtp_loss(num_micro)) if model_cfg.mtp_num_layers else None,
+                _take_moe_aux_loss(ddp.module.config, num_micro) if aux_coeff > 0 else None, grad_norm)
             iteration += 1
             consumed += gbs
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step(increment=1)
-            elapsed = time.perf_counter() - start
-            mem, peak = _memory_gb()
-            m = {"iteration": iteration, "lm_loss": loss, "mtp_loss": mtp, "moe_aux_loss": aux, "lr": lr,
-                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                 "consumed_samples": consumed, "tokens_per_s": gbs * cfg.seq_length / elapsed,
-                 "tflops_per_gpu": step_flops / elapsed / dist.get_world_size() / 1e12,
-                 "mem_allocated_gb": mem, "mem_peak_gb": peak, "iteration_s": elapsed, "skipped": not ok}
             done = cfg.stops_after(iteration)
-            if valid is not None and (iteration % cfg.eval_interval == 0 or done):
-                m["valid_lm_loss"] = evaluate(cfg, chunks, valid, num_micro=num_micro, dp_rank=dp_rank, dp=dp,
-                                              packed=packed)
-            metrics.append(m)
-            if is_logger and iteration % cfg.log_interval == 0:
-                _log_line(cfg, m)
-                if "valid_lm_loss" in m:
-                    log.info("validation after iteration %d | lm loss %.6f", iteration, m["valid_lm_loss"])
-                _write(m, json_file, writer)
-            if not math.isfinite(loss) or (m["grad_norm"] is not None and not math.isfinite(m["grad_norm"])):
-                raise TrainingDiverged(f"iteration {iteration}: lm loss {loss}, grad norm {m['grad_norm']}; "
-                                       "stopping (lower --lr, check the data, or use --bf16 instead of --fp16)")
-            if cfg.save is not None and ((cfg.save_interval and iteration % cfg.save_interval == 0) or done):
-                checkpoint.save(Path(cfg.save), iteration, chunks, optimizer, scheduler, consumed_samples=consumed)
+            # the previous iteration's numbers are read now, with this one already queued on the GPU
+            if pending is not None:
+                last_read = _finish(pending, last_read)
+            pending = {"iteration": iteration, "consumed": consumed, "lr": lr, "ok": ok, "metrics": step_metrics}
+            evaluates = valid is not None and (iteration % cfg.eval_interval == 0 or done)
+            saves = cfg.save is not None and ((cfg.save_interval and iteration % cfg.save_interval == 0) or done)
+            if evaluates or saves or done:  # these need this iteration finished before the next one starts
+                last_read = _finish(pending, last_read)
+                pending = None
     return metrics

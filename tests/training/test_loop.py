@@ -4,6 +4,7 @@ runs, the checkpoint layout is Megatron-LM's, and divergence stops with a clear 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -152,3 +153,31 @@ def test_load_takes_a_converted_checkpoint_and_finetune_restarts(small_assets, t
     assert [m["iteration"] for m in tuned] == [1, 2] and tuned[0]["consumed_samples"] == 4
     # the fine-tuned run starts from the trained weights: its first loss is below the converted model's
     assert tuned[0]["lm_loss"] < loaded[0]["lm_loss"] - 0.05
+
+
+def test_metrics_are_read_after_the_next_step_is_issued(small_assets, monkeypatch):
+    """Each iteration's numbers are read after the next iteration's step is queued (the GPU never waits
+    for the host between steps), except where the iteration must finish first: the last one, and one
+    that evaluates or saves."""
+    from qwen3_next_mcore.training import loop
+
+    order = []
+    step, read = loop.optimizer_step, loop._StepMetrics.read
+
+    def issuing(*args, **kwargs):
+        order.append("issue")
+        return step(*args, **kwargs)
+
+    def reading(self):
+        order.append("read")
+        return read(self)
+
+    monkeypatch.setattr(loop, "optimizer_step", issuing)
+    monkeypatch.setattr(loop._StepMetrics, "read", reading)
+    metrics = train(make_config(**pretrain_fields(small_assets, train_iters=5, eval_interval=3, eval_iters=1,
+                                                  split="95,5,0")))
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5]
+    # 3 evaluates: read before issuing 4; 5 is the last
+    assert order == ["issue", "issue", "read", "issue", "read", "read", "issue", "issue", "read", "read"], order
+    assert all(m["iteration_s"] > 0 and math.isfinite(m["lm_loss"]) for m in metrics)
+    assert "valid_lm_loss" in metrics[2] and "valid_lm_loss" in metrics[4]
