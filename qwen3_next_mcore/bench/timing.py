@@ -135,6 +135,7 @@ def profile_table(step: Callable[[], object], *, steps: int, device: torch.devic
     the wall, device-busy and host (self CPU) time per step, then operators and kernels sorted by their own
     device time and, on a GPU, a second table sorted by their own host time (where the host is the
     bottleneck, the GPU idles while it issues work: wall > device-busy)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -153,7 +154,10 @@ def profile_table(step: Callable[[], object], *, steps: int, device: torch.devic
     host_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
     head = f"per step (under the profiler): wall {wall_ms:.1f} ms, host (self CPU) {host_ms:.1f} ms"
     if cuda:
-        busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3 / steps
+        # kernels only (the device-side events), as torch's own "Self CUDA time total": an operator's row
+        # also carries its kernels' time, so summing every row counted each kernel twice
+        busy_ms = sum(e.self_device_time_total for e in events
+                      if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e3 / steps
         head += f", GPU-busy {busy_ms:.1f} ms"
     text = head + "\n\n" + events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                          row_limit=row_limit, max_name_column_width=90)
