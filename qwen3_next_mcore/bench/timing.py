@@ -31,25 +31,7 @@ class Timing:
 
 def measure(fn: Callable[[], object], *, warmup: int, reps: int, device: torch.device) -> Timing:
     """Run ``fn`` ``warmup`` times, then time ``reps`` calls one by one; median and min in ms."""
-    cuda = device.type == "cuda"
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(statistics.median(times), min(times), reps)
+    return measure_steps(fn, warmup=warmup, reps=reps, steps_per_window=1, device=device)
 
 
 def measure_steps(step: Callable[[], object], *, warmup: int, reps: int, steps_per_window: int,
