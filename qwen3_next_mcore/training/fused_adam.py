@@ -8,6 +8,12 @@ just never asks for it. :func:`use_fused_adam` switches the torch optimizers meg
 it again after loading a checkpoint (torch's ``load_state_dict`` takes the implementation flags from the
 saved parameter groups).
 
+On CUDA (``kernel="auto"``) the step then runs :func:`qwen3_next_mcore.ops.adamw.adamw_multi_tensor`
+instead of torch's kernel: the same update in one Triton pass that also writes megatron's bf16/fp16 model
+weights, so megatron's separate main -> model copy is skipped after it (1.24x torch's fused AdamW + copy
+over the proxy model's weights on an H100; docs/performance.md). torch's fused kernel stays where that
+pass does not apply (CPU, L2-coupled Adam, amsgrad/maximize/capturable, tensor learning rates).
+
 It also folds gradient clipping into the fused kernel. megatron-core clips by multiplying every fp32 main
 gradient by ``max_norm / norm`` in place (one more read and write of all gradients, 3.4 ms per proxy step
 on an H200, and most steps clip); the fused kernel can divide the gradients by a ``grad_scale`` as it

@@ -124,6 +124,21 @@ def test_switch_to_fused_after_steps_continues_like_foreach():
     assert use_fused_adam(object()) == "not torch"
 
 
+def test_kernel_choice_is_checked():
+    """The Triton pass is CUDA-only: asking for it with CPU weights says why; an unknown name is refused."""
+    p = torch.nn.Parameter(torch.ones(4))
+
+    class Wrapper:
+        optimizer = torch.optim.AdamW([p])
+
+    with pytest.raises(ValueError, match="kernel='triton' is not usable here: (a torch.float32 parameter on cpu|Triton is not installed)"):
+        use_fused_adam(Wrapper(), kernel="triton")
+    with pytest.raises(ValueError, match="kernel must be"):
+        use_fused_adam(Wrapper(), kernel="apex")
+    assert use_fused_adam(Wrapper(), kernel="torch") == "fused"
+    assert Wrapper.optimizer._qnm_adamw_kernel == "torch"
+
+
 def test_folded_clipping_mixed_and_unmarked_parameters():
     """One coefficient for all -> grad_scale; different ones (separate norm groups) or none -> scaled in
     place as megatron would; a parameter outside a folding optimizer -> megatron's own clipping."""
