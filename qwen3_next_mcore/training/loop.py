@@ -295,8 +295,9 @@ def optimizer_step(chunks, optimizer, micro_batches) -> tuple[dict, bool, float 
     """One training iteration's compute: clear the gradient buffers, forward/backward over the
     micro-batches, ``finalize_model_grads``, the optimizer step (clipping included). Returns (this
     rank's losses of the schedule, whether the step was applied, the grad norm). The loss (and, with the
-    norm kept on the device, the grad norm) are device tensors: nothing here waits for the GPU, so the
-    host issues the optimizer step while the GPU still runs the backward; read them afterwards."""
+    norm kept on the device, the grad norm) are device tensors: in bf16 and fp32 nothing here waits for the
+    GPU, so the host issues the optimizer step while the GPU still runs the backward; read them afterwards.
+    (fp16's loss scaling reads its overflow flag on the host, megatron-core's design.)"""
     from megatron.core.distributed import finalize_model_grads
 
     for c in chunks:
