@@ -368,8 +368,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     json_file = writer = None
 
     def _finish(p: dict, since: float) -> float:
-        """Read iteration ``p``'s numbers (waiting for its work), evaluate and save if due, log, check for
-        divergence; returns the time of the read (the iteration time is the interval between reads)."""
+        """Read iteration ``p``'s numbers (waiting for its work), evaluate and save if ``p`` says so, log,
+        check for divergence; returns the time of the read (the iteration time is the interval between reads)."""
         loss, mtp, aux, grad_norm = p["metrics"].read()
         now = time.perf_counter()
         elapsed = now - since
@@ -379,12 +379,9 @@ def train(cfg: TrainConfig) -> list[dict]:
              "grad_norm": grad_norm, "consumed_samples": p["consumed"], "tokens_per_s": gbs * cfg.seq_length / elapsed,
              "tflops_per_gpu": step_flops / elapsed / dist.get_world_size() / 1e12,
              "mem_allocated_gb": mem, "mem_peak_gb": peak, "iteration_s": elapsed, "skipped": not p["ok"]}
-        last = cfg.stops_after(it)
-        extra = False  # evaluation or a checkpoint: not part of the next iteration's time
-        if valid is not None and (it % cfg.eval_interval == 0 or last):
+        if p["evaluates"]:
             m["valid_lm_loss"] = evaluate(cfg, chunks, valid, num_micro=num_micro, dp_rank=dp_rank, dp=dp,
                                           packed=packed)
-            extra = True
         metrics.append(m)
         if is_logger and it % cfg.log_interval == 0:
             _log_line(cfg, m)
@@ -394,10 +391,10 @@ def train(cfg: TrainConfig) -> list[dict]:
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             raise TrainingDiverged(f"iteration {it}: lm loss {loss}, grad norm {grad_norm}; "
                                    "stopping (lower --lr, check the data, or use --bf16 instead of --fp16)")
-        if cfg.save is not None and ((cfg.save_interval and it % cfg.save_interval == 0) or last):
+        if p["saves"]:
             checkpoint.save(Path(cfg.save), it, chunks, optimizer, scheduler, consumed_samples=p["consumed"])
-            extra = True
-        return time.perf_counter() if extra else now
+        # evaluation and checkpointing are not part of the next iteration's time
+        return time.perf_counter() if p["evaluates"] or p["saves"] else now
 
     with ExitStack() as outputs:
         json_file, writer = _open_outputs(cfg, outputs) if is_logger else (None, None)
@@ -418,9 +415,10 @@ def train(cfg: TrainConfig) -> list[dict]:
             # the previous iteration's numbers are read now, with this one already queued on the GPU
             if pending is not None:
                 last_read = _finish(pending, last_read)
-            pending = {"iteration": iteration, "consumed": consumed, "lr": lr, "ok": ok, "metrics": step_metrics}
             evaluates = valid is not None and (iteration % cfg.eval_interval == 0 or done)
-            saves = cfg.save is not None and ((cfg.save_interval and iteration % cfg.save_interval == 0) or done)
+            saves = cfg.save is not None and bool((cfg.save_interval and iteration % cfg.save_interval == 0) or done)
+            pending = {"iteration": iteration, "consumed": consumed, "lr": lr, "ok": ok, "metrics": step_metrics,
+                       "evaluates": evaluates, "saves": saves}
             if evaluates or saves or done:  # these need this iteration finished before the next one starts
                 last_read = _finish(pending, last_read)
                 pending = None
