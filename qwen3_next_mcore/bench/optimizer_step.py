@@ -58,7 +58,10 @@ class _State:
         self.models = [torch.empty_like(p, dtype=torch.bfloat16) for p in self.params]
 
 
+FOREACH = "torch foreach AdamW + bf16 copy (megatron-core's default)"
+FUSED = "torch fused AdamW + bf16 copy"
 OURS = "ours (one Triton pass, bf16 written)"
+CANDIDATES = (FOREACH, FUSED, OURS)
 
 
 def _candidates(state: _State) -> dict[str, Callable[[], None]]:
@@ -84,8 +87,7 @@ def _candidates(state: _State) -> dict[str, Callable[[], None]]:
         adamw_multi_tensor(state.params, state.grads, state.m, state.v, state.steps, model_params=state.models,
                            plan_cache=cache, **HYPER)
 
-    return {"torch foreach AdamW + bf16 copy (megatron-core's default)": torch_impl(False),
-            "torch fused AdamW + bf16 copy": torch_impl(True), OURS: ours}
+    return {FOREACH: torch_impl(False), FUSED: torch_impl(True), OURS: ours}
 
 
 def _check(state: _State, shapes, device) -> tuple[float, float]:
@@ -127,7 +129,7 @@ def run_optimizer_step(config, *, device: torch.device, warmup: int, reps: int, 
     floor_ms = BYTES_PER_WEIGHT * numel / (bandwidth * 1e9) * 1e3
     rows = []
     unavailable = {} if device.type == "cuda" else {OURS: "needs CUDA (Triton)"}
-    for name in _candidates(_State([(1,)], device)):
+    for name in CANDIDATES:
         if name in unavailable:
             continue
         state = _State(shapes, device)
@@ -150,5 +152,6 @@ def run_optimizer_step(config, *, device: torch.device, warmup: int, reps: int, 
     timed = {r["candidate"]: r for r in rows if "median_ms" in r}
     for r in timed.values():
         r["speedup"] = {o: other["median_ms"] / r["median_ms"] for o, other in timed.items() if o != r["candidate"]}
-    return {"rows": rows, "unavailable": unavailable, "weights": numel, "tensors": len(shapes), "copy_gbps": bandwidth, "floor_ms": floor_ms,
-            "tolerance": tolerance, "bf16_tolerance": bf16_tolerance, "hyper": HYPER}
+    return {"rows": rows, "unavailable": unavailable, "weights": numel, "tensors": len(shapes),
+            "copy_gbps": bandwidth, "floor_ms": floor_ms, "tolerance": tolerance, "bf16_tolerance": bf16_tolerance,
+            "hyper": HYPER}
