@@ -122,6 +122,8 @@ def _use_multi_tensor_kernel(optimizer, adams) -> int:
     """Route ``adams``' steps through the Triton kernel and let it write megatron's low-precision model
     weights (Float16OptimizerWithFloat16Params: ``float16_groups`` beside ``fp32_from_float16_groups``);
     returns how many it writes."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
     parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     copies = 0
     for adam in adams:
@@ -130,8 +132,7 @@ def _use_multi_tensor_kernel(optimizer, adams) -> int:
         adam._qnm_adamw_plans = {}
     for part in parts:
         adam = getattr(part, "optimizer", None)
-        if adam not in adams or not hasattr(part, "fp32_from_float16_groups") or type(part).__name__ != \
-                "Float16OptimizerWithFloat16Params":
+        if adam not in adams or type(part) is not Float16OptimizerWithFloat16Params:
             continue  # the distributed optimizer's shards keep megatron-core's copy
         mapping = getattr(adam, _COPIES)
         for models, mains in zip(part.float16_groups, part.fp32_from_float16_groups):
