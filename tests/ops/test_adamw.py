@@ -42,10 +42,24 @@ def test_reference_equals_torch_adamw():
         torch.testing.assert_close(v_i, opt.state[p]["exp_avg_sq"], rtol=1e-6, atol=1e-8)
 
 
-def test_kernel_refuses_cpu_and_mismatched_tensors():
+def test_kernel_refuses_cpu_and_mismatched_tensors(monkeypatch):
     params, grads, m, v, steps = _state("cpu")
-    with pytest.raises(ValueError, match="fp32 CUDA"):
+    with pytest.raises(ValueError, match="tensor 0: fp32 CUDA weights, gradients, moments and step counters"):
         adamw_multi_tensor(params, grads, m, v, steps, **HYPER)
+    # the checks after the device's (CPU tensors pass it under Triton's interpreter; they raise before any launch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match=r"tensor 0: sizes differ \(35, 4099, 35, 35; step 1\)"):
+        adamw_multi_tensor(params, [grads[1], grads[0], *grads[2:]], m, v, steps, **HYPER)
+    with pytest.raises(ValueError, match="tensor 0 is not contiguous"):
+        adamw_multi_tensor([params[0].t()] + params[1:], grads, m, v, steps, **HYPER)
+    with pytest.raises(ValueError, match="tensor 0: the low-precision copy must be bf16/fp16 of 35 elements, got "
+                                         "torch.float32 of 35"):
+        adamw_multi_tensor(params, grads, m, v, steps, **HYPER,
+                           model_params=[torch.empty(7, 5)] + [None] * (len(params) - 1))
+    with pytest.raises(ValueError, match="low-precision copies of more than one dtype"):
+        adamw_multi_tensor(params[:2], grads[:2], m[:2], v[:2], steps[:2], **HYPER,
+                           model_params=[torch.empty(7, 5, dtype=torch.bfloat16),
+                                         torch.empty(BLOCK + 3, dtype=torch.float16)])
 
 
 _gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
