@@ -4,10 +4,10 @@ Qwen3-Next's vocabulary has 151,936 entries, so the logits of one 2 x 4096 micro
 (2.5 GB in bf16). megatron-core's cross-entropies (``tensor_parallel.vocab_parallel_cross_entropy`` and its
 ``native`` fusion) turn them into fp32 copies, keep the fp32 softmax (5 GB) for the backward and return a
 bf16 gradient whatever the input; on an H100 its native fusion took 17.2 ms of a 148 ms proxy training step
-(docs/performance.md). This one computes the same loss from the logits as they are: a row maximum, then the
-sum of exponentials and the target's logit in one pass (each reduced over the tensor-parallel ranks that
-hold the vocabulary's slices, as megatron-core does), keeps the logits and the per-row log-sum-exp for the
-backward, and writes the gradient ``(softmax - one_hot(target)) * dloss`` in the logits' dtype in one
+(docs/performance.md). This one computes the same loss from the logits as they are: the row maximum, the
+sum of exponentials and the target's logit in one pass over them (compiled: one online-softmax reduction;
+the ranks that hold the vocabulary's slices then combine their maxima and rescaled sums), keeps the logits
+and the per-row log-sum-exp for the backward, and writes the gradient ``(softmax - one_hot(target)) * dloss`` in the logits' dtype in one
 pass. On CUDA each pass is ``torch.compile`` of the eager code below (backend "compile", logged);
 elsewhere the eager code runs (backend "torch").
 
@@ -24,17 +24,17 @@ import torch.distributed as dist
 from .backends import compiled_op_backend, compiled_or_eager, env_for
 
 
-def _row_max(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float().amax(-1)
-
-
-def _sum_exp_and_target(logits: torch.Tensor, target: torch.Tensor, row_max: torch.Tensor, start: int):
+def _row_stats(logits: torch.Tensor, target: torch.Tensor, start: int) -> torch.Tensor:
+    """One pass over this rank's logits ``[N, V_local]``: ``[3, N]`` fp32 rows of the row maximum m, the sum
+    of exp(logits - m), and the target's logit (0 where the target is not in this slice). Compiled, the
+    maximum and the sum become one online-softmax reduction (Inductor), so the logits are read once."""
     x = logits.float()
-    sum_exp = torch.exp(x - row_max.unsqueeze(-1)).sum(-1)
+    row_max = x.amax(-1, keepdim=True)  # keepdim: the form Inductor's online-softmax pattern matches
+    sum_exp = torch.exp(x - row_max).sum(-1, keepdim=True)
     local = target - start
     mine = (local >= 0) & (local < x.shape[-1])
-    picked = x.gather(-1, torch.where(mine, local, 0).unsqueeze(-1)).squeeze(-1) - row_max
-    return torch.stack((sum_exp, torch.where(mine, picked, 0.0)))
+    picked = x.gather(-1, torch.where(mine, local, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.stack((row_max.squeeze(-1), sum_exp.squeeze(-1), torch.where(mine, picked, 0.0)))
 
 
 def _logits_grad(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, dloss: torch.Tensor, start: int):
@@ -59,13 +59,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = logits.reshape(-1, logits.shape[-1])
         flat_target = target.reshape(-1)
         start = 0 if group is None else rows.shape[-1] * dist.get_rank(group)
-        row_max = _all_reduce(compiled_or_eager(_row_max, backend)(rows), dist.ReduceOp.MAX, group)
-        stats = _all_reduce(compiled_or_eager(_sum_exp_and_target, backend)(rows, flat_target, row_max, start),
-                            dist.ReduceOp.SUM, group)
-        log_sum_exp = torch.log(stats[0])  # of the logits minus their row maximum
+        row_max, sum_exp, picked = compiled_or_eager(_row_stats, backend)(rows, flat_target, start)
+        if group is not None:  # each rank's sum is relative to its own maximum: rescale to the global one
+            local_max = row_max
+            row_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group)
+            sum_exp, picked = _all_reduce(torch.stack((sum_exp * torch.exp(local_max - row_max), picked)),
+                                          dist.ReduceOp.SUM, group)
+        vocab = rows.shape[-1] * (1 if group is None else dist.get_world_size(group))
+        in_vocab = (flat_target >= 0) & (flat_target < vocab)
+        log_sum_exp = torch.log(sum_exp)  # of the logits minus their row maximum
         ctx.save_for_backward(logits, flat_target, log_sum_exp + row_max)
         ctx.start, ctx.backend = start, backend
-        return (log_sum_exp - stats[1]).view(target.shape)
+        return (log_sum_exp - torch.where(in_vocab, picked - row_max, 0.0)).view(target.shape)
 
     @staticmethod
     def backward(ctx, dloss):
