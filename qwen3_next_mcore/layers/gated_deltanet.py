@@ -15,7 +15,6 @@ value head (contiguous per group). Only the output norm weight is replicated.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
@@ -37,10 +36,10 @@ from .norms import GatedRMSNorm
 class GatedDeltaNetSubmodules:
     """Slots of :class:`Qwen3NextGatedDeltaNet`: projections, output norm, output projection."""
 
-    in_proj_qkvz: Union[ModuleSpec, type] = ColumnParallelLinear
-    in_proj_ba: Union[ModuleSpec, type] = ColumnParallelLinear
-    out_norm: Union[ModuleSpec, type] = GatedRMSNorm
-    out_proj: Union[ModuleSpec, type] = RowParallelLinear
+    in_proj_qkvz: ModuleSpec | type = ColumnParallelLinear
+    in_proj_ba: ModuleSpec | type = ColumnParallelLinear
+    out_norm: ModuleSpec | type = GatedRMSNorm
+    out_proj: ModuleSpec | type = RowParallelLinear
     # op backends: {"gdn": ..., "conv": ...}; "gva": "repeat" repeats q/k to the value heads instead of
     # fla's native grouped value heads; "gate": "fused" lets fla's kernel compute the decay and beta from
     # the raw projections (same math; both kept to benchmark them)
@@ -60,8 +59,8 @@ class Qwen3NextGatedDeltaNet(MegatronModule):
         self,
         config,
         submodules: GatedDeltaNetSubmodules,
-        layer_number: Optional[int] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
+        layer_number: int | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
         **_: object,
     ):
         super().__init__(config)
@@ -121,16 +120,26 @@ class Qwen3NextGatedDeltaNet(MegatronModule):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
+        attention_mask: torch.Tensor | None = None,
         inference_context=None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
+        packed_seq_params: PackedSeqParams | None = None,
         **_: object,
     ):
         if inference_context is not None:
             raise NotImplementedError("Qwen3NextGatedDeltaNet: inference with a cache is not supported")
-        qkvz_sb, _ = self.in_proj_qkvz(hidden_states)  # [S, B, G*(2dk+2r*dv)] (S gathered under SP)
-        ba_sb, _ = self.in_proj_ba(hidden_states)  # [S, B, G*2r]
-        S, B = qkvz_sb.shape[:2]
+        # Without sequence parallelism the projections' row order is free, so they run batch-first: the
+        # narrow input is transposed once ([S, B, H], H = 2048 at 80B) instead of the wide projections
+        # (G*(2dk+2r*dv) = 12288) and their gradients; the output is transposed back the same way.
+        # Under sequence parallelism the linears gather/scatter along S, which must stay first.
+        batch_first = not self.config.sequence_parallel
+        if batch_first:
+            x_bth = hidden_states.transpose(0, 1).contiguous()
+            qkvz_bt, _ = self.in_proj_qkvz(x_bth)  # [B, S, G*(2dk+2r*dv)]
+            ba_bt, _ = self.in_proj_ba(x_bth)  # [B, S, G*2r]
+        else:
+            qkvz_bt = self.in_proj_qkvz(hidden_states)[0].transpose(0, 1)  # S gathered under SP
+            ba_bt = self.in_proj_ba(hidden_states)[0].transpose(0, 1)
+        B, S = qkvz_bt.shape[:2]
         G, r, dk, dv = self.groups, self.r, self.dk, self.dv
         cu_seqlens = None
         if packed_seq_params is not None:
@@ -140,11 +149,11 @@ class Qwen3NextGatedDeltaNet(MegatronModule):
 
         # torch.split, not slicing: its backward writes the parts' gradients into one tensor (a cat)
         # where each slice's backward would allocate, zero and fill a full-size gradient
-        qkvz_bt = qkvz_sb.transpose(0, 1).view(B, S, G, 2 * dk + 2 * r * dv)
+        qkvz_bt = qkvz_bt.view(B, S, G, 2 * dk + 2 * r * dv)
         mixed_bt, z_bt = torch.split(qkvz_bt, [self.group_conv, r * dv], dim=-1)
         mixed_bt = mixed_bt.reshape(B, S, G * self.group_conv)
         z_bt = z_bt.reshape(B, S, G * r, dv)
-        b_bt, a_bt = torch.split(ba_sb.transpose(0, 1).view(B, S, G, 2 * r), [r, r], dim=-1)
+        b_bt, a_bt = torch.split(ba_bt.view(B, S, G, 2 * r), [r, r], dim=-1)
         b_bt, a_bt = b_bt.reshape(B, S, G * r), a_bt.reshape(B, S, G * r)
 
         mixed_bt = causal_conv1d(mixed_bt, self.conv1d_weight.squeeze(1), activation="silu",
@@ -164,11 +173,14 @@ class Qwen3NextGatedDeltaNet(MegatronModule):
             o_bthv, _ = gated_delta_rule(q_bthk, k_bthk, v_bthv, g=g, beta=beta, use_qk_l2norm=True,
                                          cu_seqlens=cu_seqlens, backend=self.backend.get("gdn"))
         o_bthv = self.out_norm(o_bthv, z_bt)
+        if batch_first:
+            out_bth, bias = self.out_proj(o_bthv.reshape(B, S, G * r * dv))
+            return out_bth.transpose(0, 1).contiguous(), bias
         o_sb = o_bthv.reshape(B, S, G * r * dv).transpose(0, 1).contiguous()  # one copy, not one per GEMM
         out, bias = self.out_proj(o_sb)
         return out, bias
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
                            ) -> ShardedStateDict:
         own = {name: p for name, p in self.named_parameters(recurse=False)}
         sharded = make_sharded_tensors_for_checkpoint(
