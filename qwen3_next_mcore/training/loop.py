@@ -79,6 +79,7 @@ def _build(cfg: TrainConfig, hf_weights=None, model_config=None):
     from ..model import build_model, load_hf_weights
     from .fused_adam import use_fused_adam
     from .multi_tensor import keep_chained_grad_norm_on_device, use_foreach_multi_tensor_ops
+    from .wgrad_fusion import use_wgrad_accumulation_fusion
 
     model_cfg = model_config or cfg.model()
     backend = "te" if cfg.transformer_impl == "transformer_engine" else "local"
@@ -95,6 +96,7 @@ def _build(cfg: TrainConfig, hf_weights=None, model_config=None):
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=cfg.use_distributed_optimizer)
     ddp = DistributedDataParallel(model.config, ddp_config, model)
+    use_wgrad_accumulation_fusion(ddp)  # CUDA: the dense wgrad GEMMs add into the fp32 main grads
     opt_config = OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
