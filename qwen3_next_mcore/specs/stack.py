@@ -1,7 +1,9 @@
 """The layer specs of Qwen3-Next for megatron-core's ``HybridModel``, for two backends.
 
 - ``local`` (always available): megatron-core's own parallel linears, our zero-centred RMSNorm, our Gated
-  DeltaNet, SDPA core attention, megatron-core's ``MoELayer`` (as :class:`Qwen3NextMoELayer`) with grouped-GEMM experts. Runs on CPU.
+  DeltaNet, our gated attention (megatron-core's ``SelfAttention`` minus two copies) with SDPA core
+  attention, megatron-core's ``MoELayer`` (as :class:`Qwen3NextMoELayer`) with grouped-GEMM experts.
+  Runs on CPU.
 - ``te`` (when Transformer Engine is installed): the same modules with Transformer Engine linears and
   core attention. Parameter names are the same for every slot whose module is only swapped for its TE
   twin (``weight`` stays ``weight``); the checkpoint keys (``sharded_state_dict``) are identical, which is
@@ -20,7 +22,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_token_prediction import (
     MultiTokenPredictionBlock,
@@ -37,10 +39,11 @@ from megatron.core.transformer.transformer_layer import (
 
 from ..config import Qwen3NextConfig
 from ..layers.core_attention import SDPACoreAttention
-from ..layers.grouped_experts import GroupedGemmExperts
-from ..layers.moe import Qwen3NextMoELayer, Qwen3NextRouter
+from ..layers.gated_attention import Qwen3NextSelfAttention
 from ..layers.gated_deltanet import GatedDeltaNetSubmodules, Qwen3NextGatedDeltaNet
+from ..layers.grouped_experts import GroupedGemmExperts
 from ..layers.hybrid_stack import Qwen3NextHybridStack
+from ..layers.moe import Qwen3NextMoELayer, Qwen3NextRouter
 from ..layers.norms import GatedRMSNorm, ZeroCenteredRMSNorm
 
 Backend = Literal["local", "te"]
@@ -51,12 +54,12 @@ def _linears(backend: Backend):
         return ColumnParallelLinear, RowParallelLinear, SDPACoreAttention
     if backend == "te":
         try:
+            import transformer_engine  # noqa: F401
             from megatron.core.extensions.transformer_engine import (
                 TEColumnParallelLinear,
                 TEDotProductAttention,
                 TERowParallelLinear,
             )
-            import transformer_engine  # noqa: F401
         except ImportError as e:
             raise ValueError(f"backend='te' needs Transformer Engine, which is not importable ({e}); "
                              "use backend='local' or install the 'te' extra") from None
@@ -116,7 +119,7 @@ def get_qwen3_next_stack_spec(config: Qwen3NextConfig, backend: Backend = "local
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=Qwen3NextSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core_attention,
                                                    linear_proj=row, q_layernorm=norm, k_layernorm=norm),

@@ -43,7 +43,7 @@ def test_offload_acts_on_every_layer_kind_and_changes_nothing():
     assert keys == base_keys  # parameter names and checkpoint keys unchanged
     assert len(names) == 8  # 4 decoder layers = 8 hybrid layers
     kinds = {name.split("(")[1].rstrip(")") for name in packed}
-    assert kinds == {"Qwen3NextGatedDeltaNet", "SelfAttention", "Qwen3NextMoELayer"}, packed
+    assert kinds == {"Qwen3NextGatedDeltaNet", "Qwen3NextSelfAttention", "Qwen3NextMoELayer"}, packed
     assert all(n > 0 for n in packed.values())
     # the backward reaches the last layer first: fetched on demand, each earlier one prefetched once
     assert fetches == [(names[-1], "demand")] + [(n, "prefetch") for n in reversed(names[:-1])], fetches
