@@ -1,7 +1,7 @@
 """The layer specs of Qwen3-Next for megatron-core's ``HybridModel``, for two backends.
 
 - ``local`` (always available): megatron-core's own parallel linears, our zero-centred RMSNorm, our Gated
-  DeltaNet, our gated attention (megatron-core's ``SelfAttention`` minus two copies) with SDPA core
+  DeltaNet, our gated attention (megatron-core's ``SelfAttention`` minus a copy) with SDPA core
   attention, megatron-core's ``MoELayer`` (as :class:`Qwen3NextMoELayer`) with grouped-GEMM experts.
   Runs on CPU.
 - ``te`` (when Transformer Engine is installed): the same modules with Transformer Engine linears and

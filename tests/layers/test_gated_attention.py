@@ -1,6 +1,6 @@
 """layers/gated_attention.py: our gated attention against megatron-core's ``SelfAttention`` running on the
 same module (same weights, same submodules): output and every gradient bit for bit in fp32 on CPU, with
-the q and gate heads left as views of the fused projection (the copies the subclass exists to avoid);
+the gate heads left a view of the fused projection (the copy the subclass exists to avoid);
 ops/output_gate.py: the compiled gate (Inductor on CPU here, CUDA's default) against the eager one."""
 
 from __future__ import annotations
