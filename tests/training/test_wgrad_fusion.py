@@ -2,9 +2,10 @@
 GEMM (megatron-core's gradient-accumulation fusion, its apex GEMM supplied by torch.addmm(out_dtype)).
 
 On CPU it stays off (the fused GEMM is CUDA-only) and nothing is changed. On a GPU: the fused GEMM
-against float64, and a bf16 model under megatron-core's DDP over two micro-batches: every main grad
-with the fusion equals the plain path's (bf16 wgrad then added) to within the bf16 rounding the plain
-path makes, and the fused linears leave no gradient in ``param.grad``."""
+against float64, and a bf16 model under megatron-core's DDP over two micro-batches, run as built and
+again with the fusion forced off (one process): every main grad with the fusion equals the plain path's
+(bf16 wgrad then added) to within the bf16 rounding the plain path makes, the other parameters' to
+1e-4, and the fused linears leave no gradient in ``param.grad``."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from qwen3_next_mcore.training.wgrad_fusion import fused_wgrad_unavailable, wgra
 _gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _model_and_grads(rank, fused: bool | None):
-    """Build the tiny model under DDP (CPU or CUDA as available), optionally force the fusion off, run
-    forward/backward over two micro-batches; return (fused linears, {name: main_grad}, {name: grad left})."""
+def _model_and_grads(rank):
+    """Build the tiny model under DDP (CPU or CUDA as available) and run forward/backward over two
+    micro-batches twice: as built, then with the fusion forced off on every linear. Returns (the linears
+    fused as built, {name: main_grad} as built, the same forced off, {name: grad left} as built)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from qwen3_next_mcore import parallel
@@ -36,29 +38,34 @@ def _model_and_grads(rank, fused: bool | None):
                       bf16=device.type == "cuda")
     _, ddp, _, _ = _build(cfg, hf_weights=_initial_hf_state(config, torch.device("cpu")), model_config=config)
     linears = {n: m for n, m in ddp.module.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))}
-    if fused is False:
-        for m in linears.values():
-            m.gradient_accumulation_fusion = False
     on = sorted(n for n, m in linears.items() if m.gradient_accumulation_fusion)
     batches = []
     for seed in (1, 2):
         ids = _batch(config.vocab_size, 2, 32, torch.device("cpu")).roll(seed, dims=1)
         batches.append({"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(2, 32)})
-    ddp.zero_grad_buffer()
-    forward_backward([ddp], batches)
-    grads = {n: p.main_grad.detach().double().cpu() for n, p in ddp.module.named_parameters()}
+
+    def grads():
+        ddp.zero_grad_buffer()
+        forward_backward([ddp], batches)
+        return {n: p.main_grad.detach().double().cpu() for n, p in ddp.module.named_parameters()}
+
+    as_built = grads()
     left = {n: p.grad is not None for n, p in ddp.module.named_parameters()}
+    for m in linears.values():
+        m.gradient_accumulation_fusion = False
+    plain = grads()
     parallel.destroy()
-    return on, grads, left
+    return on, as_built, plain, left
 
 
 def test_off_on_cpu_and_nothing_changed():
     assert "needs CUDA" in fused_wgrad_unavailable(torch.device("cpu"))
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the fusion is on (see the GPU test)")
-    on, grads, _ = run_distributed(_model_and_grads, 1, args=(None,))[0]
+    on, as_built, plain, _ = run_distributed(_model_and_grads, 1)[0]
     assert on == []
-    assert all(torch.isfinite(g).all() for g in grads.values())
+    for name, g in plain.items():  # nothing fused: both runs are the plain path, bit for bit
+        assert torch.equal(as_built[name], g) and torch.isfinite(g).all(), name
 
 
 @pytest.mark.gpu
@@ -79,14 +86,14 @@ def test_fused_gemm_accumulates_in_fp32():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_main_grads_match_the_plain_path_under_ddp():
-    on, fused, left = run_distributed(_model_and_grads, 1, args=(None,))[0]
-    off, plain, _ = run_distributed(_model_and_grads, 1, args=(False,))[0]
-    assert off == [] and len(on) >= 4  # the GDN and attention projections and the output layer at least
-    assert "output_layer" in on
+    on, fused, plain, left = run_distributed(_model_and_grads, 1)[0]
+    assert len(on) >= 4 and "output_layer" in on  # the GDN and attention projections, the output layer
     for name, g in plain.items():
         if name.rsplit(".", 1)[0] in on:  # the plain path rounds the wgrad to bf16, the fused one does not
             rel = float((fused[name] - g).norm() / g.norm().clamp_min(1e-30))
             assert rel < 2e-2, (name, rel)
-        else:  # norms, experts, router, embedding: their gradients do not go through the fused GEMM
-            assert torch.equal(fused[name], g), name
+        else:  # norms, experts, router, embedding: their gradients do not go through the fused GEMM (equal
+            # but for the order of sums in GPU kernels that may use atomics)
+            rel = float((fused[name] - g).norm() / g.norm().clamp_min(1e-30))
+            assert rel < 1e-4, (name, rel)
     assert not any(left.values())  # DDP cleared every param.grad (the fused linears' dummies included)
