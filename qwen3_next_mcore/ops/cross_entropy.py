@@ -7,8 +7,8 @@ bf16 gradient whatever the input; on an H100 its native fusion took 17.2 ms of a
 (docs/performance.md). This one computes the same loss from the logits as they are: the row maximum, the
 sum of exponentials and the target's logit in one pass over them (compiled: one online-softmax reduction;
 the ranks that hold the vocabulary's slices then combine their maxima and rescaled sums), keeps the logits
-and the per-row log-sum-exp for the backward, and writes the gradient ``(softmax - one_hot(target)) * dloss`` in the logits' dtype in one
-pass. On CUDA each pass is ``torch.compile`` of the eager code below (backend "compile", logged);
+and the per-row log-sum-exp for the backward, and writes the gradient ``(softmax - one_hot(target)) *
+dloss`` in the logits' dtype in one pass. On CUDA each pass is ``torch.compile`` of the eager code below (backend "compile", logged);
 elsewhere the eager code runs (backend "torch").
 
 Targets outside this rank's vocabulary slice (other ranks' ids) contribute no target logit here; ids in

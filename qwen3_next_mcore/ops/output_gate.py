@@ -3,8 +3,8 @@ fused q/gate/k/v projection left it.
 
 megatron-core's ``SelfAttention`` copies the gate heads out of the projection (a reshape of a strided
 view) before one elementwise pass; at 16k tokens x 16 heads x 256 that is 134 MB written and read again
-per layer forward, and the copy is kept for the backward. :func:`sigmoid_gate`
-takes the strided view as it is. On CUDA it runs as ``torch.compile`` of the eager code and of its
+per layer forward, and the copy is kept for the backward. :func:`sigmoid_gate` takes the strided view as
+it is. On CUDA it runs as ``torch.compile`` of the eager code and of its
 hand-derived backward, graphs without autograd in them, which take strided inputs (backend "compile",
 logged); elsewhere the eager code runs with autograd (backend "torch").
 """
@@ -44,6 +44,7 @@ class _CompiledSigmoidGate(torch.autograd.Function):
 
 @cache
 def _compiled(fn):
+    # not backends.compiled_or_eager: that one makes its inputs contiguous, the copy this op exists to avoid
     return torch.compile(fn, dynamic=None)
 
 
