@@ -8,8 +8,8 @@ bf16 gradient whatever the input; on an H100 its native fusion took 17.2 ms of a
 sum of exponentials and the target's logit in one pass over them (compiled: one online-softmax reduction;
 the ranks that hold the vocabulary's slices then combine their maxima and rescaled sums), keeps the logits
 and the per-row log-sum-exp for the backward, and writes the gradient ``(softmax - one_hot(target)) *
-dloss`` in the logits' dtype in one pass. On CUDA each pass is ``torch.compile`` of the eager code below (backend "compile", logged);
-elsewhere the eager code runs (backend "torch").
+dloss`` in the logits' dtype in one pass. On CUDA each pass is ``torch.compile`` of the eager code below
+(backend "compile", logged); elsewhere the eager code runs (backend "torch").
 
 Targets outside this rank's vocabulary slice (other ranks' ids) contribute no target logit here; ids in
 no rank's slice (negative ones such as -100) get megatron-core's value, log(sum(exp(logits - max))), and
