@@ -318,15 +318,22 @@ def _compiled(fn):
 _LOGGED: set[tuple] = set()
 
 
+def log_once(logger: logging.Logger, key: tuple, msg: str, *args) -> None:
+    """``logger.info(msg, *args)`` the first time ``key`` is seen in this process (backend choices are
+    asked on every call and logged once)."""
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info(msg, *args)
+
+
 def resolve(report: dict) -> str:
     """Raise the report's error, log the choice once per process, return the backend name."""
     if report["error"] is not None:
         raise RuntimeError(report["error"])
     key = (report["op"], report["backend"], report.get("fla_backward"), report["device"])
     if key not in _LOGGED:
-        _LOGGED.add(key)
         details = ", ".join(
             f"{k}={v}" for k, v in report.items() if k not in ("op", "error") and v is not None
         )
-        log.info("%s backend: %s", report["op"], details)
+        log_once(log, key, "%s backend: %s", report["op"], details)
     return report["backend"]

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from .backends import compiled_op_backend, compiled_or_eager, env_for
+from .backends import compiled_op_backend, compiled_or_eager, env_for, log_once
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,12 @@ def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0,
               f"mscale {mscale}" if mscale != 1.0 else
               f"context parallel {cp}" if cp > 1 else None)
     if reason is not None:
-        if reason not in _LOGGED:
-            _LOGGED.add(reason)
-            log.info("rotary embedding: megatron-core's (%s)", reason)
+        log_once(log, ("rotary embedding", reason), "rotary embedding: megatron-core's (%s)", reason)
         return rope_utils.apply_rotary_pos_emb(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale,
                                                cp_group=cp_group, mla_rotary_interleaved=mla_rotary_interleaved)
     if cu_seqlens is None:
         return partial_rotary(t, freqs)
     return partial_rotary_packed(t, cu_seqlens, freqs)
-
-
-_LOGGED: set[str] = set()
 
 
 def use_fused_partial_rotary() -> bool:
