@@ -99,11 +99,15 @@ def test_compiled_equals_eager():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_megatron_options_we_do_not_cover_go_to_megatron(monkeypatch):
+def test_megatron_options_we_do_not_cover_go_to_megatron(monkeypatch, caplog):
     from types import SimpleNamespace
 
     from megatron.core.models.common.embeddings import rope_utils
 
+    from qwen3_next_mcore.ops import backends
+
+    monkeypatch.setattr(backends, "_LOGGED", set())
+    caplog.set_level("INFO", logger="qwen3_next_mcore.ops.rope")
     calls = []
     monkeypatch.setattr(rope_utils, "apply_rotary_pos_emb", lambda *a, **k: calls.append(k) or "megatron")
     plain = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False)
@@ -112,7 +116,11 @@ def test_megatron_options_we_do_not_cover_go_to_megatron(monkeypatch):
     assert apply_rotary_pos_emb(t, f, plain, mscale=0.5) == "megatron"
     assert apply_rotary_pos_emb(t, f, SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=True)) == "megatron"
     assert apply_rotary_pos_emb(t, f, SimpleNamespace(apply_rope_fusion=True, rotary_interleaved=False)) == "megatron"
-    assert len(calls) == 3
+    assert apply_rotary_pos_emb(t, f, plain, mscale=0.5) == "megatron"
+    assert len(calls) == 4
+    prefix = "rotary embedding: megatron-core's "
+    logged = [r.getMessage().removeprefix(prefix) for r in caplog.records if r.getMessage().startswith(prefix)]
+    assert logged == ["(mscale 0.5)", "(interleaved rotary)", "(TE's fused RoPE asked for)"]  # once per reason
 
 
 def test_the_models_attention_uses_it(monkeypatch):
