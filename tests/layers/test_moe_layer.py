@@ -115,3 +115,47 @@ def test_fused_expert_activation_matches_plain_torch():
     errs = [rel(a, b) for a, b in zip(out["compile"], out["torch"])]
     print("grouped experts fused vs plain (y, dx, dprobs, dw1, dw2):", ", ".join(f"{e:.1e}" for e in errs))
     assert max(errs) < 1e-2, errs  # the fused kernel rounds once where the plain ops round per op
+
+
+def _routing(rank):
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from qwen3_next_mcore import parallel
+    from qwen3_next_mcore.config import get_preset
+    from qwen3_next_mcore.layers.moe import Qwen3NextRouter
+    from qwen3_next_mcore.model import build_model
+
+    parallel.initialize(seed=5)
+    model = build_model(get_preset("tiny", vocab_size=128, router_aux_loss_coef=0.01))
+    router = model.decoder.layers[1].mlp.router
+    assert type(router) is Qwen3NextRouter
+    router.routing_type = ["aux_loss", "seq_aux_loss"]  # both per-batch losses at once (the global one
+    router.config.moe_aux_loss_coeff = [0.01, 0.02]     # needs buffers made at construction)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(11, 3, router.config.num_moe_experts, generator=g)
+    weight = torch.randn(33, router.config.num_moe_experts, generator=g)
+    real_topk, out = torch.topk, {}
+    for cls in (Qwen3NextRouter, TopKRouter):
+        router.__class__ = cls  # the same module run by megatron-core's own routing
+        router.reset_global_aux_loss_tracker()
+        calls = []
+        torch.topk = lambda *a, calls=calls, **k: calls.append(1) or real_topk(*a, **k)
+        try:
+            x = logits.clone().requires_grad_()
+            probs, routing_map = router.routing(x)
+        finally:
+            torch.topk = real_topk
+        (probs * weight).sum().backward()  # the aux losses reach the logits through probs
+        out[cls.__name__] = (probs.detach(), routing_map, x.grad, len(calls))
+    parallel.destroy()
+    return out
+
+
+def test_routing_takes_one_top_k_and_gives_megatron_core_numbers():
+    out = run_distributed(_routing, 1)[0]
+    (probs, rmap, dlogits, ours_topk), (ref_probs, ref_map, ref_dlogits, ref_topk) = out["Qwen3NextRouter"], \
+        out["TopKRouter"]
+    assert torch.equal(rmap, ref_map)
+    assert torch.equal(probs, ref_probs)
+    torch.testing.assert_close(dlogits, ref_dlogits, rtol=1e-6, atol=1e-9)
+    assert ours_topk == 1 and ref_topk == 2
