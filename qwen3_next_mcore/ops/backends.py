@@ -302,15 +302,23 @@ def compiled_or_eager(fn, backend: str):
 
 
 @cache
+def compiled(fn):
+    """``torch.compile(fn)``, made once per function, taking its arguments as they are. For graphs without
+    autograd inside (an ``autograd.Function``'s forward and backward), which accept strided inputs; ops
+    whose compiled graph records the backward use :func:`compiled_or_eager`."""
+    return torch.compile(fn, dynamic=None)
+
+
+@cache
 def _compiled(fn):
-    compiled = torch.compile(fn, dynamic=None)
+    graph = compiled(fn)
 
     @wraps(fn)
     def call(*args, **kwargs):
         def contiguous(a):
             return a.contiguous() if isinstance(a, torch.Tensor) else a
 
-        return compiled(*map(contiguous, args), **{k: contiguous(v) for k, v in kwargs.items()})
+        return graph(*map(contiguous, args), **{k: contiguous(v) for k, v in kwargs.items()})
 
     return call
 

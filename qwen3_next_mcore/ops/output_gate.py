@@ -11,11 +11,9 @@ logged); elsewhere the eager code runs with autograd (backend "torch").
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 
-from .backends import compiled_op_backend, env_for
+from .backends import compiled, compiled_op_backend, env_for
 
 
 def _torch_sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -34,18 +32,13 @@ class _CompiledSigmoidGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate):
         ctx.save_for_backward(x, gate)
-        return _compiled(_torch_sigmoid_gate)(x, gate)
+        # backends.compiled, not compiled_or_eager: that one copies strided inputs, the copy this op avoids
+        return compiled(_torch_sigmoid_gate)(x, gate)
 
     @staticmethod
     def backward(ctx, dy):
         x, gate = ctx.saved_tensors
-        return _compiled(_sigmoid_gate_backward)(dy.contiguous(), x, gate)
-
-
-@cache
-def _compiled(fn):
-    # not backends.compiled_or_eager: that one makes its inputs contiguous, the copy this op exists to avoid
-    return torch.compile(fn, dynamic=None)
+        return compiled(_sigmoid_gate_backward)(dy.contiguous(), x, gate)
 
 
 def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
