@@ -9,8 +9,8 @@ Cases (issue #7), at the real 80B widths by default (``Shape.full``: B=4, T=4096
   (built without Transformer Engine from ColumnParallelLinear / WrappedTorchNorm / RowParallelLinear), all
   mixer-only (no input norm in any of them), identical weights. Reference: our layer in fp32 on the
   pure-torch ops (they match transformers' layer to 1e-6 in tests/model).
-* ``attention-layer``: our gated attention (``Qwen3NextSelfAttention``, megatron-core's ``SelfAttention``) vs transformers' ``Qwen3NextAttention``
-  (SDPA). Reference: transformers' layer in fp32.
+* ``attention-layer``: our gated attention (``Qwen3NextSelfAttention``, megatron-core's ``SelfAttention``)
+  vs transformers' ``Qwen3NextAttention`` (SDPA). Reference: transformers' layer in fp32.
 * ``moe-block``: megatron ``MoELayer`` with our grouped-GEMM experts vs transformers' sparse MoE block
   with its fastest experts implementation available. Reference: transformers' block in fp32 (eager experts).
 

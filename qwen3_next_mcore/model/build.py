@@ -32,8 +32,9 @@ def build_model(
     """The model chunk of this rank (its pipeline stage), on this rank's device, parameters in ``dtype``.
 
     Installs our partial RoPE in megatron-core's attention (``ops.rope.use_fused_partial_rotary``: one
-    fused op instead of megatron's unfused chain where Transformer Engine's is not asked for). Uses the layout of :func:`qwen3_next_mcore.parallel.initialize` (a single local process is set up
-    when nothing was initialised). ``transformer_overrides`` go to ``TransformerConfig`` (e.g.
+    fused op instead of megatron's unfused chain where Transformer Engine's is not asked for). Uses the
+    layout of :func:`qwen3_next_mcore.parallel.initialize` (a single local process is set up when nothing
+    was initialised). ``transformer_overrides`` go to ``TransformerConfig`` (e.g.
     ``recompute_granularity``). Raises ValueError when the config cannot be split as asked.
     """
     from megatron.core import parallel_state as ps

@@ -258,7 +258,7 @@ def _install_deferred_clip() -> None:
     current = mopt.clip_grad_by_total_norm_fp32
     if getattr(current, "func", None) is not _deferred_clip:
         mopt.clip_grad_by_total_norm_fp32 = functools.partial(_deferred_clip, current)
-        log.info("gradient clipping folded into torch's fused AdamW (grad_scale) where it steps")
+        log.info("gradient clipping folded into the fused AdamW step (grad_scale) where it steps")
 
 
 def _deferred_clip(megatron_clip, parameters, max_norm, total_norm, use_decoupled_grad: bool = False):

@@ -7,9 +7,9 @@ Without it each linear writes a bf16 weight gradient that DDP's hook then adds t
 pass over every weight each step (about 1.9 ms of a 102 ms proxy step on an H100 for the dense weights,
 docs/performance.md) and a wgrad rounded to bf16 before it is accumulated. torch's
 ``addmm(..., out_dtype=torch.float32)`` on CUDA is the same fused GEMM (bf16 inputs, fp32 accumulator read
-and written in place), so :func:`use_wgrad_accumulation_fusion` supplies megatron-core the two functions
-it calls from apex's extension for fp32 main grads and turns the fusion on for the linears whose weights DDP gave an fp32
-``main_grad``. Modules outside DDP keep the plain path (megatron-core's fused path needs ``main_grad``).
+and written in place), so :func:`use_wgrad_accumulation_fusion` supplies megatron-core the function it
+calls from apex's extension for fp32 main grads and turns the fusion on for the linears whose weights
+DDP gave an fp32 ``main_grad``. Modules outside DDP keep the plain path (megatron-core's fused path needs ``main_grad``).
 
 Where apex's extension is installed, megatron-core's own import is kept and used.
 """
