@@ -318,6 +318,12 @@ def gdn_layer(shape: Shape, device: torch.device, models: _Models) -> Case:
                                     {"out_proj": fused.out_proj.weight}))  # dA_log: tests/ops/test_ops_gpu.py
     unavailable = {}
     why = fla_unavailable(device)
+    if why is None:  # the conv + split as separate ops with fla's conv (our default before the fused kernel)
+        unfused = _gdn_twin(models.gdn, device, shape.dtype, {"conv": "fla"})
+        cands.insert(3, _ours_candidate("ours (fla conv, unfused split)", unfused, xs, ours_call,
+                                        {"out_proj": unfused.out_proj.weight}))
+    else:
+        unavailable["ours (fla conv, unfused split)"] = f"needs CUDA and fla ({why})"
     if why is None:
         mg = _megatron_gdn(models, hf_state, device).to(shape.dtype)
         cands.append(_ours_candidate("megatron-core GatedDeltaNet", mg, xs, lambda m, x: m(x, None)[0],

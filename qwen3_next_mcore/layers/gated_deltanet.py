@@ -27,8 +27,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint, sharded_state_dict_default
 from torch import nn
 
-from ..ops.causal_conv1d import causal_conv1d
 from ..ops.gated_delta_rule import gated_delta_rule, gdn_gate
+from ..ops.gdn_conv_split import conv_split_qkvz
 from .norms import GatedRMSNorm
 
 
@@ -40,7 +40,8 @@ class GatedDeltaNetSubmodules:
     in_proj_ba: ModuleSpec | type = ColumnParallelLinear
     out_norm: ModuleSpec | type = GatedRMSNorm
     out_proj: ModuleSpec | type = RowParallelLinear
-    # op backends: {"gdn": ..., "conv": ...}; "gva": "repeat" repeats q/k to the value heads instead of
+    # op backends: {"gdn": ..., "conv": ...} ("conv": "triton" fused conv + split, or a causal_conv1d
+    # backend for the unfused ops); "gva": "repeat" repeats q/k to the value heads instead of
     # fla's native grouped value heads; "gate": "fused" lets fla's kernel compute the decay and beta from
     # the raw projections (same math; both kept to benchmark them)
     backend: dict = field(default_factory=dict)
@@ -147,19 +148,13 @@ class Qwen3NextGatedDeltaNet(MegatronModule):
                 raise ValueError(f"packed sequences need micro-batch 1 in the thd layout, got batch {B}")
             cu_seqlens = packed_seq_params.cu_seqlens_q
 
-        # torch.split, not slicing: its backward writes the parts' gradients into one tensor (a cat)
-        # where each slice's backward would allocate, zero and fill a full-size gradient
-        qkvz_bt = qkvz_bt.view(B, S, G, 2 * dk + 2 * r * dv)
-        mixed_bt, z_bt = torch.split(qkvz_bt, [self.group_conv, r * dv], dim=-1)
-        mixed_bt = mixed_bt.reshape(B, S, G * self.group_conv)
-        z_bt = z_bt.reshape(B, S, G * r, dv)
+        # the conv over each group's q, k, v channels and the split into q, k, v, z: one fused kernel each
+        # way on CUDA (ops/gdn_conv_split.py), the plain ops on CPU
+        q_bthk, k_bthk, v_bthv, z_bt = conv_split_qkvz(
+            qkvz_bt.view(B, S, G, 2 * dk + 2 * r * dv), self.conv1d_weight.squeeze(1), dk=dk, dv=dv, r=r,
+            cu_seqlens=cu_seqlens, backend=self.backend.get("conv"))
         b_bt, a_bt = torch.split(ba_bt.view(B, S, G, 2 * r), [r, r], dim=-1)
         b_bt, a_bt = b_bt.reshape(B, S, G * r), a_bt.reshape(B, S, G * r)
-
-        mixed_bt = causal_conv1d(mixed_bt, self.conv1d_weight.squeeze(1), activation="silu",
-                                 cu_seqlens=cu_seqlens, backend=self.backend.get("conv"))
-        q_bthk, k_bthk, v_bthv = torch.split(mixed_bt.view(B, S, G, self.group_conv), [dk, dk, r * dv], dim=-1)
-        v_bthv = v_bthv.reshape(B, S, G * r, dv)
 
         if self.backend.get("gva") == "repeat" and r > 1:  # one q/k head per value head (benchmarks)
             q_bthk, k_bthk = (x.repeat_interleave(r, dim=2) for x in (q_bthk, k_bthk))

@@ -32,6 +32,7 @@ log = logging.getLogger("qwen3_next_mcore.ops")
 AUTO = (None, "auto")
 GDN_BACKENDS = ("torch", "naive", "fla")
 CONV_BACKENDS = ("torch", "causal_conv1d", "fla")
+CONV_SPLIT_BACKENDS = ("triton", *CONV_BACKENDS)  # the fused kernel, or the unfused ops with that conv
 NORM_BACKENDS = ("torch", "fla")
 COMPILED_OP_BACKENDS = ("torch", "compile")
 
@@ -246,6 +247,28 @@ def conv_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
     if installed[requested] is None:
         return {**report, "error": f"causal_conv1d: backend={requested!r} is not installed; {GPU_EXTRA_HINT}"}
     return {**report, "backend": requested}
+
+
+def conv_split_backend_report(env: KernelEnv, requested: str | None = None, *, interpreted: bool = False) -> dict:
+    """Decide how the GDN conv + q/k/v/z split runs: ``backend`` ("triton": our fused kernels; "torch",
+    "causal_conv1d", "fla": the unfused ops with that conv) and ``error``. Automatic: "torch" on CPU,
+    "triton" on CUDA. "triton" on CPU tensors only under Triton's interpreter (``interpreted``, tests)."""
+    _check_requested(requested, CONV_SPLIT_BACKENDS, "gdn_conv_split")
+    report = {"op": "gdn_conv_split", "requested": requested, **_versions(env), "backend": None, "error": None}
+    if requested in AUTO:
+        if env.device == "cpu":
+            return {**report, "backend": "torch"}
+        requested = "triton"
+    if requested != "triton":
+        conv = conv_backend_report(env, requested)
+        return {**report, "backend": conv["backend"], "error": conv["error"]}
+    if env.device != "cuda" and not (interpreted and env.device == "cpu"):
+        return {**report, "error": f"gdn_conv_split: backend='triton' needs CUDA tensors (or CPU ones under "
+                                   f"TRITON_INTERPRET=1), got {env.device}; use 'torch'"}
+    if env.device == "cuda" and env.triton is None:
+        return {**report, "error": f"gdn_conv_split: CUDA tensors but Triton is not installed; {GPU_EXTRA_HINT}, "
+                                   "or pass backend='torch' on purpose."}
+    return {**report, "backend": "triton"}
 
 
 def norm_backend_report(env: KernelEnv, requested: str | None = None) -> dict:

@@ -1,0 +1,305 @@
+"""The Gated DeltaNet's short conv fused with the split of its input projection into q, k, v and z.
+
+Qwen3-Next's ``in_proj_qkvz`` produces, per key-head group g, the channels ``[q (dk), k (dk), v (r*dv),
+z (r*dv)]`` (Hugging Face's row order, which keeps the layout independent of the TP size). The mixer
+then runs a depthwise causal conv + SiLU over the ``[q, k, v]`` channels and needs q ``[B, T, G, dk]``,
+k ``[B, T, G, dk]``, v ``[B, T, G*r, dv]`` and z ``[B, T, G*r, dv]`` as separate contiguous tensors
+(fla's kernels make every input contiguous). Done with separate ops that is a strided copy of the conv
+channels, the conv (fla's backward also recomputes the forward to get the pre-activation), a copy of z,
+copies of q/k/v out of the conv output, and in the backward a ``cat`` of the parts' gradients: about
+2.5 ms per layer fwd+bwd at 16k tokens on an H100, against about 0.5 ms of memory traffic.
+
+:func:`conv_split_qkvz` does it in one Triton pass each way, written here because no library offers it:
+
+* forward: reads the projection once (any batch/token strides, so a transposed sequence-parallel
+  view needs no copy) and writes q, k, v (conv + SiLU in fp32, rounded once) and z (copied) into one
+  allocation, each part a contiguous tensor;
+* backward: reads the parts' gradients where they lie and the saved projection, recomputes the
+  pre-activation in registers, and writes the projection's whole gradient (conv channels and z) in one
+  pass, plus per-block partial weight gradients (fp32) summed by one small reduction.
+
+Packed sequences (``cu_seqlens``) restart the zero padding at every sequence: a tap reaching into the
+previous sequence is dropped, as in :func:`qwen3_next_mcore.ops.causal_conv1d.causal_conv1d`.
+
+:func:`conv_split_qkvz_reference` is the same computation from plain ops (split, the torch conv,
+reshapes); the tests compare the kernel (on CPU under Triton's interpreter, and on CUDA) against it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from .backends import conv_split_backend_report, env_for, resolve
+from .causal_conv1d import causal_conv1d
+
+
+def _check(qkvz: torch.Tensor, weight: torch.Tensor, dk: int, dv: int, r: int) -> None:
+    if qkvz.dim() != 4 or qkvz.shape[-1] != 2 * dk + 2 * r * dv:
+        raise ValueError(f"conv_split_qkvz: qkvz must be [B, T, G, 2*dk + 2*r*dv = {2 * dk + 2 * r * dv}], "
+                         f"got {tuple(qkvz.shape)} (dk={dk}, dv={dv}, r={r})")
+    G = qkvz.shape[2]
+    if weight.dim() != 2 or weight.shape[0] != G * (2 * dk + r * dv):
+        raise ValueError(f"conv_split_qkvz: weight must be [G*(2*dk + r*dv) = {G * (2 * dk + r * dv)}, W], "
+                         f"got {tuple(weight.shape)}")
+
+
+def conv_split_qkvz_reference(qkvz: torch.Tensor, weight: torch.Tensor, *, dk: int, dv: int, r: int,
+                              cu_seqlens: torch.Tensor | None = None, conv_backend: str | None = "torch"):
+    """The unfused computation: split, :func:`causal_conv1d` (SiLU) with ``conv_backend``, reshapes.
+
+    Args: qkvz ``[B, T, G, 2dk + 2r*dv]`` (per group q, k, v, z), weight ``[G*(2dk + r*dv), W]``.
+    Returns contiguous q ``[B, T, G, dk]``, k ``[B, T, G, dk]``, v ``[B, T, G*r, dv]``, z ``[B, T, G*r, dv]``
+    in qkvz's dtype."""
+    _check(qkvz, weight, dk, dv, r)
+    B, T, G, _ = qkvz.shape
+    group_conv = 2 * dk + r * dv
+    # torch.split, not slicing: its backward writes the parts' gradients into one tensor (a cat)
+    mixed, z = torch.split(qkvz, [group_conv, r * dv], dim=-1)
+    mixed = causal_conv1d(mixed.reshape(B, T, G * group_conv), weight, activation="silu", cu_seqlens=cu_seqlens,
+                          backend=conv_backend)
+    q, k, v = torch.split(mixed.view(B, T, G, group_conv), [dk, dk, r * dv], dim=-1)
+    return (q.contiguous(), k.contiguous(), v.reshape(B, T, G * r, dv).contiguous(),
+            z.reshape(B, T, G * r, dv).contiguous())
+
+
+def token_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[total]`` int32 position of each token inside its packed sequence (no host read)."""
+    starts = cu_seqlens[:-1].to(torch.int64)
+    lengths = cu_seqlens[1:].to(torch.int64) - starts
+    first = torch.repeat_interleave(starts, lengths, output_size=total)
+    return (torch.arange(total, device=cu_seqlens.device, dtype=torch.int64) - first).to(torch.int32)
+
+
+def _block_d(dk: int, rdv: int) -> int:
+    """Channels per program: a power of two dividing dk and r*dv (a block never straddles two parts)."""
+    g = math.gcd(dk, rdv)
+    return min(64, g & -g)
+
+
+@functools.cache
+def _kernels():
+    """The forward and backward Triton kernels (Triton is imported when first needed)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fwd_kernel(x, w, out, pos, T, sxb, sxt, n_q, n_v, G: tl.constexpr, DK: tl.constexpr,
+                   RDV: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   HAS_POS: tl.constexpr):
+        # program: BD channels of one key-head group (inside one of q, k, v, z) x BT tokens of one sequence
+        C: tl.constexpr = 2 * DK + 2 * RDV  # projection channels per group
+        CC: tl.constexpr = 2 * DK + RDV  # conv channels per group
+        NB: tl.constexpr = C // BD
+        pid_c, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        g = pid_c // NB
+        c0 = (pid_c % NB) * BD
+        t = pid_t * BT + tl.arange(0, BT)
+        j = tl.arange(0, BD)
+        t_ok = t < T
+        x_row = x + b.to(tl.int64) * sxb + g * C + c0 + j[None, :]
+        # where this block goes: q [B,T,G,DK], k like q, v and z [B,T,G*r,dv], one allocation after another
+        is_k = c0 >= DK
+        is_v = c0 >= 2 * DK
+        is_z = c0 >= CC
+        base = tl.where(is_z, 2 * n_q + n_v, tl.where(is_v, 2 * n_q, tl.where(is_k, n_q, 0))).to(tl.int64)
+        width = tl.where(is_v, G * RDV, G * DK)
+        col = tl.where(is_z, g * RDV + c0 - CC, tl.where(is_v, g * RDV + c0 - 2 * DK,
+                                                          tl.where(is_k, g * DK + c0 - DK, g * DK + c0)))
+        rows = b.to(tl.int64) * T + t
+        p_out = out + base + rows[:, None] * width + col + j[None, :]
+        if is_z:
+            zv = tl.load(x_row + t[:, None].to(tl.int64) * sxt, mask=t_ok[:, None], other=0.0)
+            tl.store(p_out, zv, mask=t_ok[:, None])
+        else:
+            if HAS_POS:
+                p_t = tl.load(pos + t, mask=t_ok, other=0)
+            acc = tl.zeros((BT, BD), dtype=tl.float32)
+            for i in tl.static_range(W):  # tap i multiplies token t - (W - 1 - i)
+                tt = t - (W - 1 - i)
+                ok = t_ok & (tt >= 0)
+                if HAS_POS:
+                    ok = ok & (p_t >= W - 1 - i)  # same packed sequence
+                xv = tl.load(x_row + tt[:, None].to(tl.int64) * sxt, mask=ok[:, None], other=0.0)
+                wv = tl.load(w + (g * CC + c0 + j) * W + i)
+                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+            y = acc * tl.sigmoid(acc)
+            tl.store(p_out, y.to(out.dtype.element_ty), mask=t_ok[:, None])
+
+    @triton.jit
+    def bwd_kernel(x, w, dq, dk, dv, dz, dx, dw, pos, T, sxb, sxt, sdb, sdt, NT, G: tl.constexpr,
+                   DK: tl.constexpr, RDV: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   HAS_POS: tl.constexpr):
+        C: tl.constexpr = 2 * DK + 2 * RDV
+        CC: tl.constexpr = 2 * DK + RDV
+        NB: tl.constexpr = C // BD
+        pid_c, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        g = pid_c // NB
+        c0 = (pid_c % NB) * BD
+        t = pid_t * BT + tl.arange(0, BT)
+        j = tl.arange(0, BD)
+        t_ok = t < T
+        rows = b.to(tl.int64) * T + t
+        p_dx = dx + b.to(tl.int64) * sdb + t[:, None].to(tl.int64) * sdt + g * C + c0 + j[None, :]
+        if c0 >= CC:  # z: its gradient copied into place
+            dzv = tl.load(dz + rows[:, None] * (G * RDV) + g * RDV + c0 - CC + j[None, :], mask=t_ok[:, None],
+                          other=0.0)
+            tl.store(p_dx, dzv, mask=t_ok[:, None])
+        else:
+            # this block's gradient: dq [B,T,G,DK], dk like it, dv [B,T,G*r,dv], each where autograd left it
+            is_k = c0 >= DK
+            is_v = c0 >= 2 * DK
+            dy_row = tl.where(is_v, G * RDV, G * DK)
+            col = tl.where(is_v, g * RDV + c0 - 2 * DK, tl.where(is_k, g * DK + c0 - DK, g * DK + c0))
+            off = rows[:, None] * dy_row + col + j[None, :]
+            if is_v:
+                p_dy = dv + off
+            elif is_k:
+                p_dy = dk + off
+            else:
+                p_dy = dq + off
+            x_row = x + b.to(tl.int64) * sxb + g * C + c0 + j[None, :]
+            wc = w + (g * CC + c0 + j) * W
+            # output token u = t + s: pre[u] = sum_i w_i x[u - (W-1) + i]; dpre[u] = dy[u] * silu'(pre[u]);
+            # dx[t] = sum_s w_{W-1-s} dpre[t + s]
+            dx_acc = tl.zeros((BT, BD), dtype=tl.float32)
+            dpre0 = tl.zeros((BT, BD), dtype=tl.float32)
+            for s in tl.static_range(W):
+                u = t + s
+                u_ok = u < T
+                if HAS_POS:
+                    p_u = tl.load(pos + u, mask=u_ok, other=0)
+                    u_ok = u_ok & (p_u >= s)  # x[t] feeds out[u] only inside one packed sequence
+                pre = tl.zeros((BT, BD), dtype=tl.float32)
+                for i in tl.static_range(W):
+                    tt = u - (W - 1 - i)
+                    ok = u_ok & (tt >= 0)
+                    if HAS_POS:
+                        ok = ok & (p_u >= W - 1 - i)
+                    xv = tl.load(x_row + tt[:, None].to(tl.int64) * sxt, mask=ok[:, None], other=0.0)
+                    pre += xv.to(tl.float32) * tl.load(wc + i).to(tl.float32)[None, :]
+                dyv = tl.load(p_dy + s * dy_row, mask=u_ok[:, None], other=0.0).to(tl.float32)
+                sig = tl.sigmoid(pre)
+                dpre = dyv * sig * (1.0 + pre * (1.0 - sig))
+                dx_acc += dpre * tl.load(wc + (W - 1 - s)).to(tl.float32)[None, :]
+                if s == 0:
+                    dpre0 = dpre
+            tl.store(p_dx, dx_acc.to(dx.dtype.element_ty), mask=t_ok[:, None])
+            # this block's share of dw[c, i] = sum_t dpre[t] x[t - (W-1) + i]
+            if HAS_POS:
+                p_t = tl.load(pos + t, mask=t_ok, other=0)
+            p_dw = dw + ((b * NT + pid_t).to(tl.int64) * (G * CC) + g * CC + c0 + j) * W
+            for i in tl.static_range(W):
+                tt = t - (W - 1 - i)
+                ok = t_ok & (tt >= 0)
+                if HAS_POS:
+                    ok = ok & (p_t >= W - 1 - i)
+                xv = tl.load(x_row + tt[:, None].to(tl.int64) * sxt, mask=ok[:, None], other=0.0)
+                tl.store(p_dw + i, tl.sum(dpre0 * xv.to(tl.float32), axis=0))
+
+    return fwd_kernel, bwd_kernel
+
+
+def _strides_bt(t: torch.Tensor) -> tuple[int, int]:
+    """Batch and token strides of a ``[B, T, G, C]`` tensor whose last two dims are contiguous together."""
+    return t.stride(0), t.stride(1)
+
+
+def _grouped_contiguous(qkvz: torch.Tensor) -> torch.Tensor:
+    """``qkvz`` itself when its ``[G, C]`` dims are contiguous together (any batch/token strides), else a copy."""
+    C = qkvz.shape[3]
+    return qkvz if qkvz.stride(3) == 1 and qkvz.stride(2) == C else qkvz.contiguous()
+
+
+def conv_split_fwd(qkvz: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor | None, dk: int, dv: int, r: int,
+                   *, block_t: int = 64, block_d: int | None = None, num_warps: int = 4):
+    """The forward kernel alone (no autograd): returns contiguous q, k, v, z (see :func:`conv_split_qkvz`).
+    ``pos``: int32 ``[T]`` positions inside packed sequences (B == 1) or None. Block sizes are exposed
+    for tuning (``block_d`` must divide dk and r*dv)."""
+    qkvz = _grouped_contiguous(qkvz)
+    B, T, G, C = qkvz.shape
+    W = weight.shape[1]
+    bd = block_d or _block_d(dk, r * dv)
+    n_q, n_v = B * T * G * dk, B * T * G * r * dv
+    out = torch.empty(2 * n_q + 2 * n_v, device=qkvz.device, dtype=qkvz.dtype)
+    fwd, _ = _kernels()
+    sxb, sxt = _strides_bt(qkvz)
+    grid = (G * C // bd, -(-T // block_t), B)
+    fwd[grid](qkvz, weight.contiguous(), out, pos, T, sxb, sxt, n_q, n_v, G=G, DK=dk, RDV=r * dv, W=W, BT=block_t,
+              BD=bd, HAS_POS=pos is not None, num_warps=num_warps)
+    q = out[:n_q].view(B, T, G, dk)
+    k = out[n_q:2 * n_q].view(B, T, G, dk)
+    v = out[2 * n_q:2 * n_q + n_v].view(B, T, G * r, dv)
+    z = out[2 * n_q + n_v:].view(B, T, G * r, dv)
+    return q, k, v, z
+
+
+def conv_split_bwd(qkvz: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor | None, dq, dk_, dv_, dz, dk: int,
+                   dv: int, r: int, *, block_t: int = 64, block_d: int | None = None, num_warps: int = 4):
+    """The backward kernel alone: returns (d qkvz laid out like ``qkvz``, d weight in weight's dtype)."""
+    qkvz = _grouped_contiguous(qkvz)
+    B, T, G, C = qkvz.shape
+    W = weight.shape[1]
+    bd = block_d or _block_d(dk, r * dv)
+    nt = -(-T // block_t)
+    grads = []
+    for grad, shape in ((dq, (B, T, G, dk)), (dk_, (B, T, G, dk)), (dv_, (B, T, G * r, dv)), (dz, (B, T, G * r, dv))):
+        grads.append(torch.zeros(shape, device=qkvz.device, dtype=qkvz.dtype) if grad is None else grad.contiguous())
+    dx = torch.empty_like(qkvz)  # same strides as the input where it is dense (a transposed SP view stays one)
+    if dx.stride(3) != 1 or dx.stride(2) != C:
+        dx = torch.empty(qkvz.shape, device=qkvz.device, dtype=qkvz.dtype)
+    dw = torch.empty(B * nt, G * (2 * dk + r * dv), W, device=qkvz.device, dtype=torch.float32)
+    _, bwd = _kernels()
+    sxb, sxt = _strides_bt(qkvz)
+    sdb, sdt = _strides_bt(dx)
+    grid = (G * C // bd, nt, B)
+    bwd[grid](qkvz, weight.contiguous(), *grads, dx, dw, pos, T, sxb, sxt, sdb, sdt, nt, G=G, DK=dk, RDV=r * dv, W=W,
+              BT=block_t, BD=bd, HAS_POS=pos is not None, num_warps=num_warps)
+    return dx, dw.sum(0).to(weight.dtype)
+
+
+class _ConvSplitQKVZ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkvz, weight, pos, dk, dv, r):
+        q, k, v, z = conv_split_fwd(qkvz, weight, pos, dk, dv, r)
+        ctx.save_for_backward(qkvz, weight, pos)
+        ctx.dims = (dk, dv, r)
+        return q, k, v, z
+
+    @staticmethod
+    def backward(ctx, dq, dk_, dv_, dz):
+        qkvz, weight, pos = ctx.saved_tensors
+        dx, dw = conv_split_bwd(qkvz, weight, pos, dq, dk_, dv_, dz, *ctx.dims)
+        return dx, dw, None, None, None, None
+
+
+def conv_split_qkvz(qkvz: torch.Tensor, weight: torch.Tensor, *, dk: int, dv: int, r: int,
+                    cu_seqlens: torch.Tensor | None = None, backend: str | None = None):
+    """Depthwise causal conv + SiLU over each group's q, k, v channels of the projection, and the split.
+
+    Args:
+        qkvz: ``[B, T, G, 2dk + 2r*dv]`` projection output (per group q, k, v, z channels); batch and token
+            strides are free (a transposed ``[S, B, ...]`` view is read as it is), the last two dims must be
+            contiguous together (else it is copied).
+        weight: ``[G*(2dk + r*dv), W]`` conv weight, channels in the same group-major order.
+        cu_seqlens: int ``[N + 1]`` boundaries of packed sequences (B must be 1).
+        backend: None/"auto" (CPU: "torch"; CUDA: "triton", the fused kernels), "triton", or a
+            :func:`causal_conv1d` backend ("torch", "fla", "causal_conv1d") for the unfused ops with that conv.
+
+    Returns:
+        contiguous q ``[B, T, G, dk]``, k ``[B, T, G, dk]``, v ``[B, T, G*r, dv]``, z ``[B, T, G*r, dv]`` in
+        qkvz's dtype (the conv accumulates in fp32 and rounds once).
+    """
+    _check(qkvz, weight, dk, dv, r)
+    if cu_seqlens is not None and qkvz.shape[0] != 1:
+        raise ValueError(f"conv_split_qkvz: cu_seqlens needs the packed sequences flattened into batch size 1, "
+                         f"got B={qkvz.shape[0]}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    name = resolve(conv_split_backend_report(env_for(qkvz), backend, interpreted=interpreted))
+    if name != "triton":
+        return conv_split_qkvz_reference(qkvz, weight, dk=dk, dv=dv, r=r, cu_seqlens=cu_seqlens, conv_backend=name)
+    pos = None if cu_seqlens is None else token_positions(cu_seqlens, qkvz.shape[1])
+    return _ConvSplitQKVZ.apply(qkvz, weight, pos, dk, dv, r)
