@@ -14,9 +14,10 @@ copies of q/k/v out of the conv output, and in the backward a ``cat`` of the par
 * forward: reads the projection once (any batch/token strides, so a transposed sequence-parallel
   view needs no copy) and writes q, k, v (conv + SiLU in fp32, rounded once) and z (copied) into one
   allocation, each part a contiguous tensor;
-* backward: reads the parts' gradients where they lie and the saved projection, recomputes the
-  pre-activation in registers, and writes the projection's whole gradient (conv channels and z) in one
-  pass, plus per-block partial weight gradients (fp32) summed by one small reduction.
+* backward, two passes: the first reads the parts' gradients where they lie and the saved projection,
+  recomputes the pre-activation and writes the gradient before the SiLU (in the input's dtype) and
+  per-block partial weight gradients (fp32, summed by one small reduction); the second writes the
+  projection's whole gradient (conv channels from the W shifted pre-SiLU gradients, z copied) once.
 
 Packed sequences (``cu_seqlens``) restart the zero padding at every sequence: a tap reaching into the
 previous sequence is dropped, as in :func:`qwen3_next_mcore.ops.causal_conv1d.causal_conv1d`.
@@ -75,9 +76,17 @@ def token_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _block_d(dk: int, rdv: int) -> int:
-    """Channels per program: a power of two dividing dk and r*dv (a block never straddles two parts)."""
+    """The largest channels per program allowed: a power of two dividing dk and r*dv (a block never
+    straddles two parts), at most 128."""
     g = math.gcd(dk, rdv)
-    return min(64, g & -g)
+    return min(128, g & -g)
+
+
+# Tokens x channels per program and warps, from a sweep on an H200 at the 80B widths, bf16
+# (benchmarks/conv_split_blocks.py; the channel blocks shrink to what dk and r*dv allow)
+FWD_BLOCKS = {"block_t": 32, "block_d": 128, "num_warps": 4}
+BWD_BLOCKS = {"dpre_block_t": 64, "dpre_block_d": 64, "dpre_warps": 4,
+              "dx_block_t": 32, "dx_block_d": 128, "dx_warps": 4}
 
 
 @functools.cache
@@ -130,9 +139,64 @@ def _kernels():
             tl.store(p_out, y.to(out.dtype.element_ty), mask=t_ok[:, None])
 
     @triton.jit
-    def bwd_kernel(x, w, dq, dk, dv, dz, dx, dw, pos, T, sxb, sxt, sdb, sdt, NT, G: tl.constexpr,
-                   DK: tl.constexpr, RDV: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   HAS_POS: tl.constexpr):
+    def bwd_dpre_kernel(x, w, dq, dk, dv, dpre, dw, pos, T, sxb, sxt, NT, G: tl.constexpr, DK: tl.constexpr,
+                        RDV: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                        HAS_POS: tl.constexpr):
+        # backward, pass 1 over the conv channels: dpre[t] = dy[t] * silu'(pre[t]) with the pre-activation
+        # recomputed from x, written for pass 2; this block's partial dw[c, i] = sum_t dpre[t] x[t-(W-1)+i]
+        C: tl.constexpr = 2 * DK + 2 * RDV
+        CC: tl.constexpr = 2 * DK + RDV
+        NB: tl.constexpr = CC // BD
+        pid_c, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        g = pid_c // NB
+        c0 = (pid_c % NB) * BD
+        t = pid_t * BT + tl.arange(0, BT)
+        j = tl.arange(0, BD)
+        t_ok = t < T
+        rows = b.to(tl.int64) * T + t
+        # this block's gradient: dq [B,T,G,DK], dk like it, dv [B,T,G*r,dv], each where autograd left it
+        is_k = c0 >= DK
+        is_v = c0 >= 2 * DK
+        dy_row = tl.where(is_v, G * RDV, G * DK)
+        col = tl.where(is_v, g * RDV + c0 - 2 * DK, tl.where(is_k, g * DK + c0 - DK, g * DK + c0))
+        off = rows[:, None] * dy_row + col + j[None, :]
+        if is_v:
+            p_dy = dv + off
+        elif is_k:
+            p_dy = dk + off
+        else:
+            p_dy = dq + off
+        x_row = x + b.to(tl.int64) * sxb + g * C + c0 + j[None, :]
+        wc = w + (g * CC + c0 + j) * W
+        if HAS_POS:
+            p_t = tl.load(pos + t, mask=t_ok, other=0)
+        pre = tl.zeros((BT, BD), dtype=tl.float32)
+        for i in tl.static_range(W):
+            tt = t - (W - 1 - i)
+            ok = t_ok & (tt >= 0)
+            if HAS_POS:
+                ok = ok & (p_t >= W - 1 - i)  # same packed sequence
+            xv = tl.load(x_row + tt[:, None].to(tl.int64) * sxt, mask=ok[:, None], other=0.0)
+            pre += xv.to(tl.float32) * tl.load(wc + i).to(tl.float32)[None, :]
+        dyv = tl.load(p_dy, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        sig = tl.sigmoid(pre)
+        dp = dyv * sig * (1.0 + pre * (1.0 - sig))
+        tl.store(dpre + rows[:, None] * (G * CC) + g * CC + c0 + j[None, :], dp.to(dpre.dtype.element_ty),
+                 mask=t_ok[:, None])
+        p_dw = dw + ((b * NT + pid_t).to(tl.int64) * (G * CC) + g * CC + c0 + j) * W
+        for i in tl.static_range(W):
+            tt = t - (W - 1 - i)
+            ok = t_ok & (tt >= 0)
+            if HAS_POS:
+                ok = ok & (p_t >= W - 1 - i)
+            xv = tl.load(x_row + tt[:, None].to(tl.int64) * sxt, mask=ok[:, None], other=0.0)
+            tl.store(p_dw + i, tl.sum(dp * xv.to(tl.float32), axis=0))
+
+    @triton.jit
+    def bwd_dx_kernel(w, dpre, dz, dx, pos, T, sdb, sdt, G: tl.constexpr, DK: tl.constexpr, RDV: tl.constexpr,
+                      W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_POS: tl.constexpr):
+        # backward, pass 2 over all projection channels: dx[t] = sum_s w[W-1-s] dpre[t+s] for the conv
+        # channels, dz copied for z: the projection's whole gradient written once
         C: tl.constexpr = 2 * DK + 2 * RDV
         CC: tl.constexpr = 2 * DK + RDV
         NB: tl.constexpr = C // BD
@@ -149,58 +213,18 @@ def _kernels():
                           other=0.0)
             tl.store(p_dx, dzv, mask=t_ok[:, None])
         else:
-            # this block's gradient: dq [B,T,G,DK], dk like it, dv [B,T,G*r,dv], each where autograd left it
-            is_k = c0 >= DK
-            is_v = c0 >= 2 * DK
-            dy_row = tl.where(is_v, G * RDV, G * DK)
-            col = tl.where(is_v, g * RDV + c0 - 2 * DK, tl.where(is_k, g * DK + c0 - DK, g * DK + c0))
-            off = rows[:, None] * dy_row + col + j[None, :]
-            if is_v:
-                p_dy = dv + off
-            elif is_k:
-                p_dy = dk + off
-            else:
-                p_dy = dq + off
-            x_row = x + b.to(tl.int64) * sxb + g * C + c0 + j[None, :]
             wc = w + (g * CC + c0 + j) * W
-            # output token u = t + s: pre[u] = sum_i w_i x[u - (W-1) + i]; dpre[u] = dy[u] * silu'(pre[u]);
-            # dx[t] = sum_s w_{W-1-s} dpre[t + s]
-            dx_acc = tl.zeros((BT, BD), dtype=tl.float32)
-            dpre0 = tl.zeros((BT, BD), dtype=tl.float32)
-            for s in tl.static_range(W):
-                u = t + s
-                u_ok = u < T
+            p_dp = dpre + rows[:, None] * (G * CC) + g * CC + c0 + j[None, :]
+            acc = tl.zeros((BT, BD), dtype=tl.float32)
+            for s in tl.static_range(W):  # x[t] feeds out[t + s] through tap W - 1 - s
+                u_ok = (t + s) < T
                 if HAS_POS:
-                    p_u = tl.load(pos + u, mask=u_ok, other=0)
-                    u_ok = u_ok & (p_u >= s)  # x[t] feeds out[u] only inside one packed sequence
-                pre = tl.zeros((BT, BD), dtype=tl.float32)
-                for i in tl.static_range(W):
-                    tt = u - (W - 1 - i)
-                    ok = u_ok & (tt >= 0)
-                    if HAS_POS:
-                        ok = ok & (p_u >= W - 1 - i)
-                    xv = tl.load(x_row + tt[:, None].to(tl.int64) * sxt, mask=ok[:, None], other=0.0)
-                    pre += xv.to(tl.float32) * tl.load(wc + i).to(tl.float32)[None, :]
-                dyv = tl.load(p_dy + s * dy_row, mask=u_ok[:, None], other=0.0).to(tl.float32)
-                sig = tl.sigmoid(pre)
-                dpre = dyv * sig * (1.0 + pre * (1.0 - sig))
-                dx_acc += dpre * tl.load(wc + (W - 1 - s)).to(tl.float32)[None, :]
-                if s == 0:
-                    dpre0 = dpre
-            tl.store(p_dx, dx_acc.to(dx.dtype.element_ty), mask=t_ok[:, None])
-            # this block's share of dw[c, i] = sum_t dpre[t] x[t - (W-1) + i]
-            if HAS_POS:
-                p_t = tl.load(pos + t, mask=t_ok, other=0)
-            p_dw = dw + ((b * NT + pid_t).to(tl.int64) * (G * CC) + g * CC + c0 + j) * W
-            for i in tl.static_range(W):
-                tt = t - (W - 1 - i)
-                ok = t_ok & (tt >= 0)
-                if HAS_POS:
-                    ok = ok & (p_t >= W - 1 - i)
-                xv = tl.load(x_row + tt[:, None].to(tl.int64) * sxt, mask=ok[:, None], other=0.0)
-                tl.store(p_dw + i, tl.sum(dpre0 * xv.to(tl.float32), axis=0))
+                    u_ok = u_ok & (tl.load(pos + t + s, mask=u_ok, other=0) >= s)  # inside one sequence
+                dp = tl.load(p_dp + s * (G * CC), mask=u_ok[:, None], other=0.0).to(tl.float32)
+                acc += dp * tl.load(wc + (W - 1 - s)).to(tl.float32)[None, :]
+            tl.store(p_dx, acc.to(dx.dtype.element_ty), mask=t_ok[:, None])
 
-    return fwd_kernel, bwd_kernel
+    return fwd_kernel, bwd_dpre_kernel, bwd_dx_kernel
 
 
 def _strides_bt(t: torch.Tensor) -> tuple[int, int]:
@@ -215,21 +239,22 @@ def _grouped_contiguous(qkvz: torch.Tensor) -> torch.Tensor:
 
 
 def conv_split_fwd(qkvz: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor | None, dk: int, dv: int, r: int,
-                   *, block_t: int = 64, block_d: int | None = None, num_warps: int = 4):
+                   *, blocks: dict | None = None):
     """The forward kernel alone (no autograd): returns contiguous q, k, v, z (see :func:`conv_split_qkvz`).
-    ``pos``: int32 ``[T]`` positions inside packed sequences (B == 1) or None. Block sizes are exposed
-    for tuning (``block_d`` must divide dk and r*dv)."""
+    ``pos``: int32 ``[T]`` positions inside packed sequences (B == 1) or None; ``blocks`` overrides
+    :data:`FWD_BLOCKS` (tuning)."""
     qkvz = _grouped_contiguous(qkvz)
     B, T, G, C = qkvz.shape
     W = weight.shape[1]
-    bd = block_d or _block_d(dk, r * dv)
+    cfg = {**FWD_BLOCKS, **(blocks or {})}
+    bd, block_t = min(cfg["block_d"], _block_d(dk, r * dv)), cfg["block_t"]
     n_q, n_v = B * T * G * dk, B * T * G * r * dv
     out = torch.empty(2 * n_q + 2 * n_v, device=qkvz.device, dtype=qkvz.dtype)
-    fwd, _ = _kernels()
+    fwd = _kernels()[0]
     sxb, sxt = _strides_bt(qkvz)
     grid = (G * C // bd, -(-T // block_t), B)
     fwd[grid](qkvz, weight.contiguous(), out, pos, T, sxb, sxt, n_q, n_v, G=G, DK=dk, RDV=r * dv, W=W, BT=block_t,
-              BD=bd, HAS_POS=pos is not None, num_warps=num_warps)
+              BD=bd, HAS_POS=pos is not None, num_warps=cfg["num_warps"])
     q = out[:n_q].view(B, T, G, dk)
     k = out[n_q:2 * n_q].view(B, T, G, dk)
     v = out[2 * n_q:2 * n_q + n_v].view(B, T, G * r, dv)
@@ -238,26 +263,41 @@ def conv_split_fwd(qkvz: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor |
 
 
 def conv_split_bwd(qkvz: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor | None, dq, dk_, dv_, dz, dk: int,
-                   dv: int, r: int, *, block_t: int = 64, block_d: int | None = None, num_warps: int = 4):
-    """The backward kernel alone: returns (d qkvz laid out like ``qkvz``, d weight in weight's dtype)."""
+                   dv: int, r: int, *, blocks: dict | None = None):
+    """The backward kernels alone: returns (d qkvz laid out like ``qkvz``, d weight in weight's dtype).
+
+    Two passes: the conv channels' ``dpre`` (the gradient before the SiLU, in qkvz's dtype) with the
+    weight's partial gradients, then every channel's ``dx``. One pass recomputing ``dpre`` at the W
+    shifted tokens in registers measured 1.4 to 2.1 ms on an H200 at the 80B widths (W^2 loads per
+    element); ``blocks`` overrides :data:`BWD_BLOCKS` (tuning)."""
     qkvz = _grouped_contiguous(qkvz)
     B, T, G, C = qkvz.shape
     W = weight.shape[1]
-    bd = block_d or _block_d(dk, r * dv)
-    nt = -(-T // block_t)
+    cc = 2 * dk + r * dv
+    cfg = {**BWD_BLOCKS, **(blocks or {})}
+    bd_a = min(cfg["dpre_block_d"], _block_d(dk, r * dv))
+    bd_b = min(cfg["dx_block_d"], _block_d(dk, r * dv))
+    bt_a, bt_b = cfg["dpre_block_t"], cfg["dx_block_t"]
+    nt = -(-T // bt_a)
     grads = []
     for grad, shape in ((dq, (B, T, G, dk)), (dk_, (B, T, G, dk)), (dv_, (B, T, G * r, dv)), (dz, (B, T, G * r, dv))):
         grads.append(torch.zeros(shape, device=qkvz.device, dtype=qkvz.dtype) if grad is None else grad.contiguous())
     dx = torch.empty_like(qkvz)  # same strides as the input where it is dense (a transposed SP view stays one)
     if dx.stride(3) != 1 or dx.stride(2) != C:
         dx = torch.empty(qkvz.shape, device=qkvz.device, dtype=qkvz.dtype)
-    dw = torch.empty(B * nt, G * (2 * dk + r * dv), W, device=qkvz.device, dtype=torch.float32)
-    _, bwd = _kernels()
+    dpre = torch.empty(B, T, G * cc, device=qkvz.device, dtype=qkvz.dtype)
+    dw = torch.empty(B * nt, G * cc, W, device=qkvz.device, dtype=torch.float32)
+    _, dpre_kernel, dx_kernel = _kernels()
     sxb, sxt = _strides_bt(qkvz)
     sdb, sdt = _strides_bt(dx)
-    grid = (G * C // bd, nt, B)
-    bwd[grid](qkvz, weight.contiguous(), *grads, dx, dw, pos, T, sxb, sxt, sdb, sdt, nt, G=G, DK=dk, RDV=r * dv, W=W,
-              BT=block_t, BD=bd, HAS_POS=pos is not None, num_warps=num_warps)
+    weight = weight.contiguous()
+    has_pos = pos is not None
+    dpre_kernel[(G * cc // bd_a, nt, B)](qkvz, weight, *grads[:3], dpre, dw, pos, T, sxb, sxt, nt, G=G, DK=dk,
+                                         RDV=r * dv, W=W, BT=bt_a, BD=bd_a, HAS_POS=has_pos,
+                                         num_warps=cfg["dpre_warps"])
+    dx_kernel[(G * C // bd_b, -(-T // bt_b), B)](weight, dpre, grads[3], dx, pos, T, sdb, sdt, G=G, DK=dk,
+                                                 RDV=r * dv, W=W, BT=bt_b, BD=bd_b, HAS_POS=has_pos,
+                                                 num_warps=cfg["dx_warps"])
     return dx, dw.sum(0).to(weight.dtype)
 
 
