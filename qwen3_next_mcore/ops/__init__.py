@@ -8,6 +8,7 @@ when they are missing); see docs/kernels.md.
 from .backends import (
     KernelEnv,
     conv_backend_report,
+    conv_split_backend_report,
     detect_kernel_env,
     gdn_backend_report,
     norm_backend_report,
@@ -19,6 +20,7 @@ from .gated_delta_rule import (
     l2norm,
     naive_recurrent_gated_delta_rule,
 )
+from .gdn_conv_split import conv_split_qkvz, conv_split_qkvz_reference
 from .norms import gated_rms_norm, zero_centered_rms_norm
 
 __all__ = [
@@ -26,6 +28,9 @@ __all__ = [
     "causal_conv1d",
     "chunk_gated_delta_rule",
     "conv_backend_report",
+    "conv_split_backend_report",
+    "conv_split_qkvz",
+    "conv_split_qkvz_reference",
     "detect_kernel_env",
     "gated_delta_rule",
     "gated_rms_norm",
