@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import types
 from functools import cache, wraps
 from pathlib import Path
 
@@ -324,12 +325,39 @@ def compiled_or_eager(fn, backend: str):
     return _compiled(fn) if backend == "compile" else fn
 
 
+def _variant(args: tuple, kwargs: dict) -> tuple:
+    """What makes torch.compile trace a new graph, shapes aside: grad mode, and each tensor argument's rank,
+    dtype and device."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    return torch.is_grad_enabled(), tuple((t.dim(), t.dtype, t.device.type) for t in tensors)
+
+
 @cache
 def compiled(fn):
-    """``torch.compile(fn)``, made once per function, taking its arguments as they are. For graphs without
-    autograd inside (an ``autograd.Function``'s forward and backward), which accept strided inputs; ops
-    whose compiled graph records the backward use :func:`compiled_or_eager`."""
-    return torch.compile(fn, dynamic=None)
+    """``torch.compile(fn)`` taking its arguments as they are, one compiled copy of ``fn`` per
+    :func:`_variant` (grad mode; rank, dtype and device of each tensor argument). For graphs without autograd
+    inside (an ``autograd.Function``'s forward and backward), which accept strided inputs; ops whose compiled
+    graph records the backward use :func:`compiled_or_eager`.
+
+    Why copies: dynamo keeps its graphs, and counts them against ``recompile_limit`` (8), per code object,
+    and past the limit it runs the function eagerly from then on (one log line, then the slow path). One
+    function serving training and evaluation (grad on and off), two tensor ranks (the norm of the hidden
+    states and of the attention heads), two dtypes and a dynamic-shape retrace reached it in a real run;
+    each copy has its own code object, so each variant gets its own graphs (a static and a dynamic one)."""
+    variants: dict[tuple, object] = {}
+
+    @wraps(fn)
+    def call(*args, **kwargs):
+        key = _variant(args, kwargs)
+        graph = variants.get(key)
+        if graph is None:
+            clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                       fn.__closure__)
+            clone.__kwdefaults__ = fn.__kwdefaults__
+            graph = variants[key] = torch.compile(clone, dynamic=None)
+        return graph(*args, **kwargs)
+
+    return call
 
 
 @cache

@@ -91,3 +91,50 @@ def test_zero_centered_compiled_matches_eager(dtype, rel):
             assert rel(a, b) < (1e-6 if dtype == torch.float32 else 4e-3), (shape, rel(a, b))
     with pytest.raises(ValueError, match="backend must be"):
         zero_centered_rms_norm(x, w, backend="fla")
+
+
+def _recompile_failures() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"] - counters["frames"]["ok"]
+
+
+def _scale(x, w):
+    return (x.float() * (1 + w.float())).to(x.dtype)
+
+
+def _scale_too(x, w):  # the same function under another name: a compile cache of its own
+    return (x.float() * (1 + w.float())).to(x.dtype)
+
+
+def _run_variants(fn):
+    """Training and evaluation (grad on and off), fp32 and bf16, the hidden states' rank and the attention
+    heads' rank, two sequence lengths (the second makes dynamo retrace with a dynamic length): 8 variants
+    and a retrace. Returns the largest difference from the eager function."""
+    worst = 0.0
+    for grad in (True, False):
+        for dtype in (torch.float32, torch.bfloat16):
+            for shape in ((2, 32), (2, 4, 8)):
+                for seq in (16, 24):
+                    x = torch.randn(seq, *shape, dtype=dtype)
+                    w = torch.randn(shape[-1], dtype=dtype)
+                    with torch.set_grad_enabled(grad):
+                        y = fn(x, w)
+                    worst = max(worst, (y.float() - _scale(x, w).float()).abs().max().item())
+    return worst
+
+
+def test_compiled_ops_keep_their_graphs_past_dynamos_recompile_limit():
+    """One op serving several variants compiles each into its own graphs (ops/backends.py ``compiled``);
+    one plain torch.compile of the same function passes dynamo's limit of 8 graphs per code object and
+    falls back to eager from then on."""
+    from qwen3_next_mcore.ops.backends import compiled
+
+    with torch._dynamo.config.patch(recompile_limit=8):
+        before = _recompile_failures()
+        _run_variants(torch.compile(_scale_too, dynamic=None))
+        assert _recompile_failures() > before  # the scenario does pass the limit
+        before = _recompile_failures()
+        worst = _run_variants(compiled(_scale))
+        assert _recompile_failures() == before
+    assert worst == 0.0  # Inductor's fp32 math rounded once, as the eager function
