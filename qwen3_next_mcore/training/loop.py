@@ -369,12 +369,17 @@ def train(cfg: TrainConfig) -> list[dict]:
     metrics: list[dict] = []
     json_file = writer = None
 
+    # when an iteration's work is done: on a GPU when its numbers can be read (the read waits for them),
+    # on CPU when its step returns (the work ran inside it; its numbers are read after the next step ran)
+    synchronous = _device().type != "cuda"
+
     def _finish(p: dict, since: float) -> float:
         """Read iteration ``p``'s numbers (waiting for its work), evaluate and save if ``p`` says so, log,
-        check for divergence; returns the time of the read (the iteration time is the interval between reads)."""
+        check for divergence; returns the time the iteration's work ended (the iteration time is the interval
+        between two such ends), or the time after its evaluation or checkpoint."""
         loss, mtp, aux, grad_norm = p["metrics"].read()
-        now = time.perf_counter()
-        elapsed = now - since
+        end = p["issued"] if synchronous else time.perf_counter()
+        elapsed = end - since
         it = p["iteration"]
         mem, peak = _memory_gb()
         m = {"iteration": it, "lm_loss": loss, "mtp_loss": mtp, "moe_aux_loss": aux, "lr": p["lr"],
@@ -396,7 +401,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         if p["saves"]:
             checkpoint.save(Path(cfg.save), it, chunks, optimizer, scheduler, consumed_samples=p["consumed"])
         # evaluation and checkpointing are not part of the next iteration's time
-        return time.perf_counter() if p["evaluates"] or p["saves"] else now
+        return time.perf_counter() if p["evaluates"] or p["saves"] else end
 
     with ExitStack() as outputs:
         json_file, writer = _open_outputs(cfg, outputs) if is_logger else (None, None)
@@ -414,13 +419,14 @@ def train(cfg: TrainConfig) -> list[dict]:
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step(increment=1)
             done = cfg.stops_after(iteration)
+            issued = time.perf_counter()
             # the previous iteration's numbers are read now, with this one already queued on the GPU
             if pending is not None:
                 last_read = _finish(pending, last_read)
             evaluates = valid is not None and (iteration % cfg.eval_interval == 0 or done)
             saves = cfg.save is not None and bool((cfg.save_interval and iteration % cfg.save_interval == 0) or done)
             pending = {"iteration": iteration, "consumed": consumed, "lr": lr, "ok": ok, "metrics": step_metrics,
-                       "evaluates": evaluates, "saves": saves}
+                       "evaluates": evaluates, "saves": saves, "issued": issued}
             if evaluates or saves or done:  # these need this iteration finished before the next one starts
                 last_read = _finish(pending, last_read)
                 pending = None

@@ -181,3 +181,25 @@ def test_metrics_are_read_after_the_next_step_is_issued(small_assets, monkeypatc
     assert order == ["issue", "issue", "read", "issue", "read", "read", "issue", "issue", "read", "read"], order
     assert all(m["iteration_s"] > 0 and math.isfinite(m["lm_loss"]) for m in metrics)
     assert "valid_lm_loss" in metrics[2] and "valid_lm_loss" in metrics[4]
+
+
+def test_iteration_times_on_cpu_are_each_steps_own(small_assets, monkeypatch):
+    """On CPU a step's work runs inside ``optimizer_step``; reading its numbers after the next step must not
+    move that step's time to its predecessor (the last iteration then showed 0.00 s and absurd tokens/s)."""
+    import time
+
+    from qwen3_next_mcore.training import loop
+
+    step = loop.optimizer_step
+    pauses = iter([0.0, 0.6, 0.0, 0.6])  # iterations 2 and 4 take 0.6 s longer
+
+    def slow_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        time.sleep(next(pauses))
+        return out
+
+    monkeypatch.setattr(loop, "optimizer_step", slow_step)
+    metrics = train(make_config(**pretrain_fields(small_assets, train_iters=4)))
+    times = [m["iteration_s"] for m in metrics]
+    assert times[1] > times[0] + 0.4 and times[3] > times[2] + 0.4, times
+    assert min(times) > 0.01, times
