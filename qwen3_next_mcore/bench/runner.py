@@ -19,6 +19,7 @@ from .cases import LAYER_CASES, Case, Shape, _Models
 from .optimizer_step import run_optimizer_step
 from .timing import (
     atomic_write_text,
+    dense_bf16_peak_tflops,
     fwd_bwd_step,
     matmul_tflops,
     peak_memory_gb,
@@ -160,8 +161,9 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
     env = environment(dev)
     matmul = matmul_tflops(dev, shape.dtype, 8192 if dev.type == "cuda" else 256)
     log.info("matmul rate (%s, %s): %.1f TFLOP/s", env["device"], shape.dtype, matmul)
-    report = {"environment": env, "shape": shape.describe(), "matmul_tflops": matmul, "warmup": warmup,
-              "reps": reps, "cases": {}}
+    peak = dense_bf16_peak_tflops(env["device"]) if dev.type == "cuda" else None
+    report = {"environment": env, "shape": shape.describe(), "matmul_tflops": matmul, "peak_tflops": peak,
+              "warmup": warmup, "reps": reps, "cases": {}}
     models = None
     profile_dir = Path(out_dir) / "profile" if profile else None
     for name in names:
@@ -223,8 +225,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Benchmarks ({env['device']}, {env['date']})", "",
              "versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("date", "host", "device") and v),
              "", "shape: " + ", ".join(f"{k} {v}" for k, v in report["shape"].items()), "",
-             f"dense matmul rate measured in this run: {report['matmul_tflops']:.0f} TFLOP/s; "
-             f"median of {report['reps']} timed repeats after {report['warmup']} warm-up", ""]
+             (f"dense matmul rate measured in this run: {report['matmul_tflops']:.0f} TFLOP/s; "
+             f"median of {report['reps']} timed repeats after {report['warmup']} warm-up"), ""]
     for name, res in report["cases"].items():
         lines += [f"## {name}", ""]
         if "error" in res:
@@ -247,23 +249,28 @@ def markdown(report: dict) -> str:
                              f"{errs} | {sp} |")
         elif name == "train-step":
             c = res["config"]
-            lines += [f"{c['preset']}: {c['layers']} layers, {c['experts']} experts top-{c['top_k']}, batch "
+            lines += [(f"{c['preset']}: {c['layers']} layers, {c['experts']} experts top-{c['top_k']}, batch "
                       f"{c['batch']} x {c['seq']}, {c['dtype']}; {res['flops_per_step'] / 1e12:.1f} TFLOP per step "
-                      "(model FLOPs, training_flops)", "",
-                      "| candidate | step ms | tokens/s | TFLOP/s/GPU (MFU count) | peak GB | speedup vs transformers "
-                      "| first loss |", "|---|---|---|---|---|---|---|"]
+                      "(model FLOPs, training_flops)"), "",
+                      ("| candidate | step ms | tokens/s | TFLOP/s/GPU (MFU count) | MFU | peak GB | speedup vs "
+                      "transformers | first loss |"), "|---|---|---|---|---|---|---|---|"]
+            peak = report.get("peak_tflops")
             for r in res["rows"]:
+                mfu = None if peak is None or r.get("tflops_per_gpu") is None else 100 * r["tflops_per_gpu"] / peak
                 lines.append(f"| {r['candidate']} | {_f(r['median_ms'], '.1f')} | {_f(r['tokens_per_s'], ',.0f')} | "
-                             f"{_f(r['tflops_per_gpu'], '.0f')} | {_f(r['peak_gb'], '.1f')} | "
-                             f"{_f(r.get('speedup_vs_transformers'))} | {r['loss_step0']:.4f} |")
+                             f"{_f(r['tflops_per_gpu'], '.0f')} | {'-' if mfu is None else f'{mfu:.1f}%'} | "
+                             f"{_f(r['peak_gb'], '.1f')} | {_f(r.get('speedup_vs_transformers'))} | "
+                             f"{r['loss_step0']:.4f} |")
+            if peak is not None:
+                lines += ["", f"MFU: TFLOP/s/GPU over this card's datasheet dense bf16 peak, {peak:.0f} TFLOP/s"]
         else:
             fl = res["floor_ms"]
             lines += [f"forward {res['flops_fwd'] / 1e9:.1f} GFLOP (model count); floor "
                       + (f"fwd {fl['fwd']:.2f} ms, fwd+bwd {fl['fwd_bwd']:.2f} ms ({res['info'].get('floor')})"
                          if fl else f"- ({res['info'].get('floor', 'none')})")
                       + f"; correctness tolerance {res['tolerance']:g} (relative, vs the fp32 reference)", "",
-                      "| candidate | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | fwd GB/s | fwd+bwd / floor | "
-                      "max rel error | fwd+bwd speedup vs others |", "|---|---|---|---|---|---|---|---|"]
+                      ("| candidate | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | fwd GB/s | fwd+bwd / floor | "
+                      "max rel error | fwd+bwd speedup vs others |"), "|---|---|---|---|---|---|---|---|"]
             for r in res["rows"]:
                 err = max(r["errors"].values())
                 if "refused" in r:

@@ -153,3 +153,27 @@ def test_train_step_runs_each_candidate_in_its_own_process(tmp_path):
     assert "aten::mm" in tables["train_step__ours__recompute_none.txt"]
     # our optimizer step is torch's fused AdamW kernel (training/fused_adam.py), transformers' the foreach one
     assert "aten::_fused_adamw_" in tables["train_step__ours__recompute_none.txt"]
+
+
+def test_train_step_table_gives_mfu_against_the_cards_datasheet_peak():
+    from qwen3_next_mcore.bench.runner import markdown
+    from qwen3_next_mcore.bench.timing import dense_bf16_peak_tflops
+
+    assert dense_bf16_peak_tflops("NVIDIA H200") == 989.4
+    assert dense_bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert dense_bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert dense_bf16_peak_tflops("NVIDIA GH200 480GB") == 989.4
+    assert dense_bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert dense_bf16_peak_tflops("AMD EPYC") is None
+    row = {"candidate": "ours (recompute none)", "median_ms": 87.1, "tokens_per_s": 94006.0, "tflops_per_gpu": 339.0,
+           "peak_gb": 39.0, "speedup_vs_transformers": 1.58, "loss_step0": 12.3251}
+    report = {"environment": {"device": "NVIDIA H200", "date": "d", "host": "h"}, "shape": {}, "matmul_tflops": 774.0,
+              "peak_tflops": 989.4, "warmup": 2, "reps": 4,
+              "cases": {"train-step": {"config": {"preset": "proxy", "layers": 4, "experts": 64, "top_k": 10,
+                                                  "batch": 2, "seq": 4096, "dtype": "torch.bfloat16"},
+                                       "flops_per_step": 29.5e12, "rows": [row]}}}
+    text = markdown(report)
+    assert "| ours (recompute none) | 87.1 | 94,006 | 339 | 34.3% | 39.0 | 1.58 | 12.3251 |" in text, text
+    assert "datasheet dense bf16 peak, 989 TFLOP/s" in text
+    report["peak_tflops"] = None  # a card not in the table (or CPU): no MFU column value
+    assert "| 339 | - | 39.0 |" in markdown(report)
