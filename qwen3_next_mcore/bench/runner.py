@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from ..training.flops import dense_bf16_peak_tflops
 from .cases import LAYER_CASES, Case, Shape, _Models
 from .optimizer_step import run_optimizer_step
 from .timing import (
     atomic_write_text,
-    dense_bf16_peak_tflops,
     fwd_bwd_step,
     matmul_tflops,
     peak_memory_gb,

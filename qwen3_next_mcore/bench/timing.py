@@ -16,24 +16,6 @@ from pathlib import Path
 
 import torch
 
-# Dense (not sparse) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched in this order
-# against torch.cuda.get_device_name: the denominator of MFU (model FLOPs utilisation).
-DENSE_BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.5),
-    ("H100", 989.4),  # SXM: "NVIDIA H100 80GB HBM3"
-    ("H800", 989.4),
-    ("GH200", 989.4),
-    ("H200 NVL", 835.5),
-    ("H200", 989.4),
-    ("A100", 312.0),
-)
-
-
-def dense_bf16_peak_tflops(device_name: str) -> float | None:
-    """The card's datasheet dense bf16 peak (TFLOP/s) for ``device_name``, None for a card not listed."""
-    return next((peak for key, peak in DENSE_BF16_PEAK_TFLOPS if key in device_name), None)
-
 
 @dataclass(frozen=True)
 class Timing:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .arguments import TrainConfig
 from .batches import MicroBatches
-from .flops import training_flops
+from .flops import dense_bf16_peak_tflops, training_flops
 from .step import forward_backward
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,13 @@ def _memory_gb() -> tuple[float, float]:
 
 
 # metrics written to TensorBoard (tag = metric key) when present and not None
-_SCALARS = ("lm_loss", "mtp_loss", "moe_aux_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu",
+_SCALARS = ("lm_loss", "mtp_loss", "moe_aux_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu",
             "mem_allocated_gb", "mem_peak_gb", "valid_lm_loss")
+
+
+def _peak_tflops() -> float | None:
+    """This GPU's datasheet dense bf16 peak (TFLOP/s), the denominator of MFU; None on CPU or a card not listed."""
+    return dense_bf16_peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def _log_line(cfg: TrainConfig, m: dict) -> None:
@@ -262,9 +267,9 @@ def _log_line(cfg: TrainConfig, m: dict) -> None:
         return "-" if m.get(key) is None else format(m[key], fmt)
 
     log.info("iteration %6d/%d | lm loss %.6f | mtp loss %s | aux loss %s | lr %.3e | grad norm %.4f | "
-             "%.0f tokens/s | %.4g TFLOP/s/GPU | mem %.2f GB (peak %.2f) | %.2f s", m["iteration"],
+             "%.0f tokens/s | %.4g TFLOP/s/GPU | MFU %s | mem %.2f GB (peak %.2f) | %.2f s", m["iteration"],
              cfg.train_iters, m["lm_loss"], opt("mtp_loss", ".6f"), opt("moe_aux_loss", ".4f"), m["lr"],
-             m["grad_norm"] or 0.0, m["tokens_per_s"], m["tflops_per_gpu"], m["mem_allocated_gb"],
+             m["grad_norm"] or 0.0, m["tokens_per_s"], m["tflops_per_gpu"], opt("mfu", ".1%"), m["mem_allocated_gb"],
              m["mem_peak_gb"], m["iteration_s"])
 
 
@@ -352,6 +357,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     destroy_moe_metrics_tracker()  # a fresh tracker: no entries bound to an earlier run's process groups
     aux_coeff = model_cfg.router_aux_loss_coef if cfg.moe_aux_loss_coeff is None else cfg.moe_aux_loss_coeff
     step_flops = training_flops(model_cfg, cfg.seq_length, gbs, recompute=cfg.recompute_granularity)
+    model_flops = training_flops(model_cfg, cfg.seq_length, gbs)  # MFU counts no recompute
+    peak_tflops = _peak_tflops()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -385,6 +392,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         m = {"iteration": it, "lm_loss": loss, "mtp_loss": mtp, "moe_aux_loss": aux, "lr": p["lr"],
              "grad_norm": grad_norm, "consumed_samples": p["consumed"], "tokens_per_s": gbs * cfg.seq_length / elapsed,
              "tflops_per_gpu": step_flops / elapsed / dist.get_world_size() / 1e12,
+             "mfu": None if peak_tflops is None else model_flops / elapsed / dist.get_world_size() / 1e12 / peak_tflops,
              "mem_allocated_gb": mem, "mem_peak_gb": peak, "iteration_s": elapsed, "skipped": not p["ok"]}
         if p["evaluates"]:
             m["valid_lm_loss"] = evaluate(cfg, chunks, valid, num_micro=num_micro, dp_rank=dp_rank, dp=dp,

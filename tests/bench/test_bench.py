@@ -157,7 +157,7 @@ def test_train_step_runs_each_candidate_in_its_own_process(tmp_path):
 
 def test_train_step_table_gives_mfu_against_the_cards_datasheet_peak():
     from qwen3_next_mcore.bench.runner import markdown
-    from qwen3_next_mcore.bench.timing import dense_bf16_peak_tflops
+    from qwen3_next_mcore.training.flops import dense_bf16_peak_tflops
 
     assert dense_bf16_peak_tflops("NVIDIA H200") == 989.4
     assert dense_bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4

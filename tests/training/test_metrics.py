@@ -107,3 +107,20 @@ def test_cpu_memory_is_host_rss():
     rss, peak = _memory_gb()
     assert rss == pytest.approx(psutil.Process().memory_info().rss / 1e9, rel=0.05)
     assert peak >= rss * (1 - 1e-6)
+
+
+def test_mfu_over_the_cards_peak_counts_no_recompute(small_assets, monkeypatch, caplog):
+    """MFU = model FLOPs (no recompute) per second per GPU over the card's dense bf16 peak; None on CPU."""
+    from qwen3_next_mcore.training import loop
+
+    plain = train(make_config(**fields(small_assets, train_iters=1, lr_warmup_iters=0)))
+    assert plain[0]["mfu"] is None  # CPU: no datasheet peak
+    monkeypatch.setattr(loop, "_peak_tflops", lambda: 1e-3)  # a pretend 1 GFLOP/s card
+    with caplog.at_level("INFO", logger="qwen3_next_mcore.training.loop"):
+        m = train(make_config(**fields(small_assets, train_iters=1, lr_warmup_iters=0,
+                                       recompute_granularity="full", recompute_method="uniform",
+                                       recompute_num_layers=1)))[0]
+    model = Qwen3NextConfig.from_hf(small_assets["model_config"])
+    assert m["mfu"] == pytest.approx(training_flops(model, 32, 4) / m["iteration_s"] / 1e12 / 1e-3, rel=1e-9)
+    assert m["tflops_per_gpu"] > m["mfu"] * 1e-3  # the throughput counts the recomputed forward, MFU does not
+    assert f"MFU {m['mfu']:.1%}" in caplog.text
