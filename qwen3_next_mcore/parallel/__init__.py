@@ -7,8 +7,8 @@ Usage::
     ...
     parallel.destroy()
 
-gloo on CPU, NCCL on GPU. Without torchrun's environment (``RANK``/``WORLD_SIZE``), a single local
-process group is created on a free localhost port.
+gloo on CPU, NCCL on GPU. Without torchrun's environment (``RANK``/``WORLD_SIZE``), or with a world of
+one process, the group is a single local process over an in-process store (no port).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -25,15 +24,9 @@ from ..config.parallel import ParallelConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParallelConfig", "destroy", "device", "initialize", "is_initialized", "current_layout", "seed"]
+__all__ = ["ParallelConfig", "current_layout", "destroy", "device", "initialize", "is_initialized", "seed"]
 
 _LAYOUT: ParallelConfig | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device() -> torch.device:
@@ -83,16 +76,17 @@ def initialize(
         return layout
     on_gpu = torch.cuda.is_available()
     if not dist.is_initialized():
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        single = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
+        if single:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(
-            backend="nccl" if on_gpu else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        backend = "nccl" if on_gpu else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if single:  # an in-process store: no port to find free and then lose to another process
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     world = dist.get_world_size()
     mp = tensor_parallel * pipeline_parallel * context_parallel
     if world % mp:
