@@ -215,3 +215,19 @@ def test_fused_kernels_match_fla_conv_at_layer_width():
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         print(name, f"{err:.1e}")
         assert err < 1e-2, (name, err)
+
+
+def test_kernels_compile_for_hopper_without_spills_and_with_16_byte_accesses():
+    """The three kernels built for sm_90 at the 80B widths (no GPU needed: Triton's own ptxas): no register
+    spills, and the tiles move in 16-byte vectors (the few 2-byte loads are the conv weights' columns)."""
+    pytest.importorskip("triton")
+    from benchmarks.kernel_resources import report
+
+    rows = report()
+    assert len(rows) == 3
+    for name, blocks, _, r in rows:
+        assert r["local_bytes"] == 0, (name, r)
+        vector_loads, scalar_loads = r["loads"].get(".v4.b32", 0), r["loads"].get(".b16", 0)
+        tile_vectors = blocks["BT"] * blocks["BD"] * 2 // 16 // (32 * 4)  # 16-byte vectors per thread per tile
+        assert vector_loads >= 2 * tile_vectors and r["stores"].get(".v4.b32", 0) >= tile_vectors, (name, r)
+        assert scalar_loads <= 8 * 4, (name, r)  # W weight columns of at most 8 channels per thread
