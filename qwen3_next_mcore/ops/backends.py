@@ -342,8 +342,9 @@ def compiled(fn):
     Why copies: dynamo keeps its graphs, and counts them against ``recompile_limit`` (8), per code object,
     and past the limit it runs the function eagerly from then on (one log line, then the slow path). One
     function serving training and evaluation (grad on and off), two tensor ranks (the norm of the hidden
-    states and of the attention heads), two dtypes and a dynamic-shape retrace reached it in a real run;
-    each copy has its own code object, so each variant gets its own graphs (a static and a dynamic one)."""
+    states and of the attention heads), two dtypes and a dynamic-shape retrace reached it (the bf16 GPU
+    parity test; a tiny CPU training with evaluation made 5 graphs); each copy has its own code object, so
+    each variant gets its own graphs (a static and a dynamic one)."""
     variants: dict[tuple, object] = {}
 
     @wraps(fn)
