@@ -218,6 +218,65 @@ def gdn_kernel(shape: Shape, device: torch.device, models: _Models | None = None
                 {"floor": "the fla kernel itself (ratio to floor = ratio to 'fla direct')"})
 
 
+# ----- gdn-conv -----------------------------------------------------------------------------------
+
+def gdn_conv(shape: Shape, device: torch.device, models: _Models | None = None) -> Case:
+    """The GDN short conv with the split of the projection into q, k, v, z (ops/gdn_conv_split.py): our
+    fused kernels against the unfused ops (split, a causal conv, copies) with fla's and Dao-AILab's conv
+    and with the torch conv; reference: the unfused torch ops in fp32. Floor: the bytes the op must move
+    (forward: read the projection, write q, k, v, z; backward: read their gradients and the conv channels
+    of the projection, write the projection's gradient) at the copy bandwidth measured here."""
+    from ..ops.backends import detect_kernel_env
+    from ..ops.gdn_conv_split import conv_split_qkvz
+    from ..training.flops import forward_flops
+    from .timing import measure
+
+    c = shape.config
+    B, T, G = shape.batch, shape.seq, c.linear_num_key_heads
+    dk, dv, r, W = c.linear_key_head_dim, c.linear_value_head_dim, \
+        c.linear_num_value_heads // c.linear_num_key_heads, c.linear_conv_kernel_dim
+    C, CC = 2 * dk + 2 * r * dv, 2 * dk + r * dv
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(B, T, G, C, generator=gen).to(device)
+    w0 = (0.5 * torch.randn(G * CC, W, generator=gen)).to(device)
+
+    def candidate(name, backend, dtype):
+        x = x0.to(dtype).requires_grad_(True)
+        w = w0.to(dtype).requires_grad_(True)
+        return Candidate(name, lambda: conv_split_qkvz(x, w, dk=dk, dv=dv, r=r, backend=backend), x,
+                         lambda: x.grad, {"conv_weight": w})
+
+    reference = candidate("reference (unfused torch ops, fp32)", "torch", torch.float32)
+    cands, unavailable = [], {}
+    env = detect_kernel_env("cuda") if device.type == "cuda" else None
+    if device.type == "cuda":
+        cands.append(candidate("ours (fused conv + split)", "triton", shape.dtype))
+    else:
+        unavailable["ours (fused conv + split)"] = "needs CUDA (the tests run it under Triton's interpreter)"
+    for name, backend, version in (("fla conv, unfused split", "fla", getattr(env, "fla", None)),
+                                   ("causal-conv1d, unfused split", "causal_conv1d",
+                                    getattr(env, "causal_conv1d", None))):
+        if version is not None:
+            cands.append(candidate(name, backend, shape.dtype))
+        else:
+            unavailable[name] = "needs CUDA and the package installed"
+    cands.append(candidate("torch conv, unfused split", "torch", shape.dtype))
+    flops = forward_flops(c.model_copy(update={"num_hidden_layers": 1, "layer_types": ("linear_attention",)}),
+                          T)["gdn_conv"] * B
+    elt = torch.finfo(shape.dtype).bits // 8
+    n = B * T * G * C * elt  # the projection's bytes
+    fwd_bytes, bwd_bytes = 2 * n, 2 * n + B * T * G * CC * elt
+    src = x0.to(shape.dtype)
+    dst = torch.empty_like(src)
+    copy_ms = measure(lambda: dst.copy_(src), warmup=3, reps=10, device=device).median_ms  # moves 2 n bytes
+
+    def floor(_matmul_tflops: float) -> tuple[float, float]:
+        return copy_ms * fwd_bytes / (2 * n), copy_ms * (fwd_bytes + bwd_bytes) / (2 * n)
+
+    return Case("gdn-conv", reference, cands, unavailable, flops, fwd_bytes, floor, 5e-2,
+                {"floor": f"bytes moved at the copy bandwidth measured in this run ({2 * n / copy_ms / 1e6:.0f} GB/s)"})
+
+
 # ----- gdn-layer ----------------------------------------------------------------------------------
 
 def _gdn_gemm_flops(c: Qwen3NextConfig, tokens: int) -> float:
@@ -493,5 +552,5 @@ def moe_block(shape: Shape, device: torch.device, models: _Models) -> Case:
                  "transformers_experts_tried": impls})
 
 
-LAYER_CASES = {"gdn-kernel": gdn_kernel, "gdn-layer": gdn_layer, "attention-layer": attention_layer,
+LAYER_CASES = {"gdn-kernel": gdn_kernel, "gdn-conv": gdn_conv, "gdn-layer": gdn_layer, "attention-layer": attention_layer,
                "moe-block": moe_block}

@@ -22,6 +22,7 @@ from .timing import (
     atomic_write_text,
     fwd_bwd_step,
     matmul_tflops,
+    outputs,
     peak_memory_gb,
     profile_table,
     rel_error,
@@ -59,19 +60,23 @@ def check(case: Case, seed: int = 0) -> tuple[dict, dict]:
     Returns ({candidate: {what: relative error}}, {candidate: reason refused})."""
     ref = case.reference
     ref.zero_grad()
-    out_ref = ref.forward()
-    gen = torch.Generator(device=out_ref.device).manual_seed(seed)
-    grad = torch.randn(out_ref.shape, generator=gen, device=out_ref.device, dtype=torch.float32)
-    out_ref.backward(grad.to(out_ref.dtype))
-    want = {"output": out_ref.detach(), "d_input": ref.input_grad().detach()}
+    out_ref = outputs(ref.forward())
+    gen = torch.Generator(device=out_ref[0].device).manual_seed(seed)
+    grads = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float32) for o in out_ref]
+    torch.autograd.backward(out_ref, [g.to(o.dtype) for g, o in zip(grads, out_ref)])
+
+    def named(outs):  # "output", or "output_0", "output_1", ... for an op with several
+        return {"output" if len(outs) == 1 else f"output_{i}": o.detach() for i, o in enumerate(outs)}
+
+    want = {**named(out_ref), "d_input": ref.input_grad().detach()}
     want.update({f"d_{k}": p.grad.detach() for k, p in ref.params.items()})
     del out_ref
     errors, refused = {}, {}
     for cand in case.candidates:
         cand.zero_grad()
-        out = cand.forward()
-        out.backward(grad.to(out.dtype))
-        got = {"output": out.detach(), "d_input": cand.input_grad()}
+        out = outputs(cand.forward())
+        torch.autograd.backward(out, [g.to(o.dtype) for g, o in zip(grads, out)])
+        got = {**named(out), "d_input": cand.input_grad()}
         got.update({f"d_{k}": None if p.grad is None else p.grad.detach() for k, p in cand.params.items()})
         errs = {}
         for k, w in want.items():
@@ -191,7 +196,7 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
                         {**report, "cases": {**report["cases"], name: partial}}, Path(out_dir), size),
                     **({"modes": tuple(train_step_modes)} if train_step_modes else {}))
             else:
-                if models is None and name != "gdn-kernel":
+                if models is None and name not in ("gdn-kernel", "gdn-conv"):  # these need no model
                     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
                     destroy_moe_metrics_tracker()

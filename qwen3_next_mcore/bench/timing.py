@@ -74,14 +74,19 @@ def time_fwd_bwd(forward: Callable[[], torch.Tensor], zero_grad: Callable[[], No
     return fwd, both
 
 
+def outputs(out) -> list[torch.Tensor]:
+    """A candidate's output(s) as a list: one tensor, or the tensors of an op with several outputs."""
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
 def fwd_bwd_step(forward: Callable[[], torch.Tensor], zero_grad: Callable[[], None]) -> Callable[[], None]:
-    """A callable that clears the gradients, runs ``forward`` and back-propagates one fixed random output
-    gradient (drawn now, from one forward call)."""
-    grad = torch.randn_like(forward())
+    """A callable that clears the gradients, runs ``forward`` and back-propagates one fixed random gradient
+    per output (drawn now, from one forward call)."""
+    grads = [torch.randn_like(o) for o in outputs(forward())]
 
     def step():
         zero_grad()
-        forward().backward(grad)
+        torch.autograd.backward(outputs(forward()), grads)
 
     return step
 

@@ -15,13 +15,14 @@ from qwen3_next_mcore.testing.distributed import run_distributed
 def _run_small(rank, out_dir):
     from qwen3_next_mcore.bench import run
 
-    return run(["gdn-kernel", "gdn-layer", "attention-layer", "moe-block"], out_dir=out_dir, size="small",
+    return run(["gdn-kernel", "gdn-conv", "gdn-layer", "attention-layer", "moe-block"], out_dir=out_dir, size="small",
                warmup=0, reps=1, profile=True)
 
 
 def test_small_run_checks_and_times_every_available_candidate(tmp_path):
     report = run_distributed(_run_small, 1, args=(str(tmp_path),))[0]
-    expected = {"gdn-kernel": {"ours (dispatched)", "torch chunked"}, "gdn-layer": {"ours", "ours (q/k repeated)", "ours (gating in kernel)", "transformers"},
+    expected = {"gdn-kernel": {"ours (dispatched)", "torch chunked"}, "gdn-conv": {"torch conv, unfused split"},
+                "gdn-layer": {"ours", "ours (q/k repeated)", "ours (gating in kernel)", "transformers"},
                 "attention-layer": {"ours", "transformers (sdpa)"},
                 "moe-block": {"ours (grouped GEMM experts)", "transformers (eager experts)"}}
     for name, cands in expected.items():
@@ -35,6 +36,10 @@ def test_small_run_checks_and_times_every_available_candidate(tmp_path):
             assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and "refused" not in r
     assert "fla direct" in report["cases"]["gdn-kernel"]["unavailable"]
     assert "megatron-core GatedDeltaNet" in report["cases"]["gdn-layer"]["unavailable"]
+    assert "ours (fused conv + split)" in report["cases"]["gdn-conv"]["unavailable"]
+    conv = report["cases"]["gdn-conv"]["rows"][0]
+    # an op with four outputs (q, k, v, z): each compared, and the projection's and the weight's gradients
+    assert {"output_0", "output_3", "d_input", "d_conv_weight"} <= set(conv["errors"]), conv
     saved = json.loads((tmp_path / "bench_small.json").read_text())
     assert set(saved["cases"]) == set(expected)
     md = (tmp_path / "bench_small.md").read_text()
