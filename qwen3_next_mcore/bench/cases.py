@@ -241,8 +241,8 @@ def gdn_conv(shape: Shape, device: torch.device, models: _Models | None = None) 
     w0 = (0.5 * torch.randn(G * CC, W, generator=gen)).to(device)
 
     def candidate(name, backend, dtype):
-        x = x0.to(dtype).requires_grad_(True)
-        w = w0.to(dtype).requires_grad_(True)
+        x = x0.to(dtype).clone().requires_grad_(True)  # each candidate its own leaves
+        w = w0.to(dtype).clone().requires_grad_(True)
         return Candidate(name, lambda: conv_split_qkvz(x, w, dk=dk, dv=dv, r=r, backend=backend), x,
                          lambda: x.grad, {"conv_weight": w})
 

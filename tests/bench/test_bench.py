@@ -182,3 +182,19 @@ def test_train_step_table_gives_mfu_against_the_cards_datasheet_peak():
     assert "datasheet dense bf16 peak, 989 TFLOP/s" in text
     report["peak_tflops"] = None  # a card not in the table (or CPU): no MFU column value
     assert "| 339 | - | 39.0 |" in markdown(report)
+
+
+def test_gdn_conv_case_in_bf16_checks_each_candidate_on_its_own_leaves():
+    """bf16 candidates against the fp32 reference (as on a GPU): every output and both gradients reach
+    each candidate (the fp32 reference's input is not the bf16 candidates' leaf)."""
+    import torch
+
+    from qwen3_next_mcore.bench.cases import Shape, gdn_conv
+    from qwen3_next_mcore.bench.runner import check
+
+    small = Shape.small()
+    errors, refused = check(gdn_conv(Shape(small.batch, small.seq, torch.bfloat16, small.config), torch.device("cpu")))
+    assert not refused, refused
+    errs = errors["torch conv, unfused split"]
+    assert set(errs) == {"output_0", "output_1", "output_2", "output_3", "d_input", "d_conv_weight"}
+    assert 0 < max(errs.values()) < 1e-2, errs  # one bf16 rounding of inputs and outputs
