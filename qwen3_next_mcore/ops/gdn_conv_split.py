@@ -9,7 +9,9 @@ channels, the conv (fla's backward also recomputes the forward to get the pre-ac
 copies of q/k/v out of the conv output, and in the backward a ``cat`` of the parts' gradients: about
 2.5 ms per layer fwd+bwd at 16k tokens on an H100, against about 0.5 ms of memory traffic.
 
-:func:`conv_split_qkvz` does it in one Triton pass each way, written here because no library offers it:
+:func:`conv_split_qkvz` does it in one Triton pass forward and two backward, written here because no
+library offers it (on an H200 at 80B widths, 16k tokens: 0.24 ms forward, 0.96 ms backward, against
+2.29 ms fwd+bwd for fla's conv with the split and copies; ``qwen3-next-mcore bench gdn-conv``):
 
 * forward: reads the projection once (any batch/token strides, so a transposed sequence-parallel
   view needs no copy) and writes q, k, v (conv + SiLU in fp32, rounded once) and z (copied) into one
