@@ -6,6 +6,8 @@ under 2-process TP (with and without sequence parallelism), EP and PP layouts, a
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -54,7 +56,9 @@ def checkpoints(tmp_path_factory):
     for name in CONFIGS:
         cfg = _cfg(name)
         d = tmp_path_factory.mktemp(name)
-        hf = make_hf_checkpoint(cfg, d, seed=hash(name) % 1000)
+        # a seed stable across processes (str hash() is salted per process: every run drew other weights,
+        # and the decay parameters' cancelling gradient sums occasionally passed DECAY_TOL)
+        hf = make_hf_checkpoint(cfg, d, seed=zlib.crc32(name.encode()) % 1000)
         out[name] = (cfg, d, hf)
     return out
 
