@@ -30,7 +30,6 @@ reshapes); the tests compare the kernel (on CPU under Triton's interpreter, and 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -93,142 +92,12 @@ BWD_BLOCKS = {"dpre_block_t": 64, "dpre_block_d": 64, "dpre_warps": 4,
               "dx_block_t": 32, "dx_block_d": 128, "dx_warps": 4}
 
 
-@functools.cache
 def _kernels():
-    """The forward and backward Triton kernels (Triton is imported when first needed)."""
-    import triton
-    import triton.language as tl
+    """The forward and the two backward Triton kernels (``_gdn_conv_split_kernels``, imported when first
+    needed: the package imports without Triton)."""
+    from . import _gdn_conv_split_kernels as k
 
-    @triton.jit
-    def fwd_kernel(x, w, out, pos, T, sxb, sxt, n_q, n_v, G: tl.constexpr, DK: tl.constexpr,
-                   RDV: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                   HAS_POS: tl.constexpr):
-        # program: BD channels of one key-head group (inside one of q, k, v, z) x BT tokens of one sequence
-        C: tl.constexpr = 2 * DK + 2 * RDV  # projection channels per group
-        CC: tl.constexpr = 2 * DK + RDV  # conv channels per group
-        NB: tl.constexpr = C // BD
-        pid_c, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        g = pid_c // NB
-        c0 = (pid_c % NB) * BD
-        t = pid_t * BT + tl.arange(0, BT)
-        j = tl.arange(0, BD)
-        t_ok = t < T
-        x_row = x + b.to(tl.int64) * sxb + g * C + c0 + j[None, :]
-        # where this block goes: q [B,T,G,DK], k like q, v and z [B,T,G*r,dv], one allocation after another
-        is_k = c0 >= DK
-        is_v = c0 >= 2 * DK
-        is_z = c0 >= CC
-        base = tl.where(is_z, 2 * n_q + n_v, tl.where(is_v, 2 * n_q, tl.where(is_k, n_q, 0))).to(tl.int64)
-        width = tl.where(is_v, G * RDV, G * DK)
-        col = tl.where(is_z, g * RDV + c0 - CC, tl.where(is_v, g * RDV + c0 - 2 * DK,
-                                                          tl.where(is_k, g * DK + c0 - DK, g * DK + c0)))
-        rows = b.to(tl.int64) * T + t
-        p_out = out + base + rows[:, None] * width + col + j[None, :]
-        if is_z:
-            zv = tl.load(x_row + t[:, None].to(tl.int64) * sxt, mask=t_ok[:, None], other=0.0)
-            tl.store(p_out, zv, mask=t_ok[:, None])
-        else:
-            if HAS_POS:
-                p_t = tl.load(pos + t, mask=t_ok, other=0)
-            acc = tl.zeros((BT, BD), dtype=tl.float32)
-            for i in tl.static_range(W):  # tap i multiplies token t - (W - 1 - i)
-                tt = t - (W - 1 - i)
-                ok = t_ok & (tt >= 0)
-                if HAS_POS:
-                    ok = ok & (p_t >= W - 1 - i)  # same packed sequence
-                xv = tl.load(x_row + tt[:, None].to(tl.int64) * sxt, mask=ok[:, None], other=0.0)
-                wv = tl.load(w + (g * CC + c0 + j) * W + i)
-                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-            y = acc * tl.sigmoid(acc)
-            tl.store(p_out, y.to(out.dtype.element_ty), mask=t_ok[:, None])
-
-    @triton.jit
-    def bwd_dpre_kernel(x, w, dq, dk, dv, dpre, dw, pos, T, sxb, sxt, NT, G: tl.constexpr, DK: tl.constexpr,
-                        RDV: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                        HAS_POS: tl.constexpr):
-        # backward, pass 1 over the conv channels: dpre[t] = dy[t] * silu'(pre[t]) with the pre-activation
-        # recomputed from x, written for pass 2; this block's partial dw[c, i] = sum_t dpre[t] x[t-(W-1)+i]
-        C: tl.constexpr = 2 * DK + 2 * RDV
-        CC: tl.constexpr = 2 * DK + RDV
-        NB: tl.constexpr = CC // BD
-        pid_c, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        g = pid_c // NB
-        c0 = (pid_c % NB) * BD
-        t = pid_t * BT + tl.arange(0, BT)
-        j = tl.arange(0, BD)
-        t_ok = t < T
-        rows = b.to(tl.int64) * T + t
-        # this block's gradient: dq [B,T,G,DK], dk like it, dv [B,T,G*r,dv], each where autograd left it
-        is_k = c0 >= DK
-        is_v = c0 >= 2 * DK
-        dy_row = tl.where(is_v, G * RDV, G * DK)
-        col = tl.where(is_v, g * RDV + c0 - 2 * DK, tl.where(is_k, g * DK + c0 - DK, g * DK + c0))
-        off = rows[:, None] * dy_row + col + j[None, :]
-        if is_v:
-            p_dy = dv + off
-        elif is_k:
-            p_dy = dk + off
-        else:
-            p_dy = dq + off
-        x_row = x + b.to(tl.int64) * sxb + g * C + c0 + j[None, :]
-        wc = w + (g * CC + c0 + j) * W
-        if HAS_POS:
-            p_t = tl.load(pos + t, mask=t_ok, other=0)
-        pre = tl.zeros((BT, BD), dtype=tl.float32)
-        for i in tl.static_range(W):
-            tt = t - (W - 1 - i)
-            ok = t_ok & (tt >= 0)
-            if HAS_POS:
-                ok = ok & (p_t >= W - 1 - i)  # same packed sequence
-            xv = tl.load(x_row + tt[:, None].to(tl.int64) * sxt, mask=ok[:, None], other=0.0)
-            pre += xv.to(tl.float32) * tl.load(wc + i).to(tl.float32)[None, :]
-        dyv = tl.load(p_dy, mask=t_ok[:, None], other=0.0).to(tl.float32)
-        sig = tl.sigmoid(pre)
-        dp = dyv * sig * (1.0 + pre * (1.0 - sig))
-        tl.store(dpre + rows[:, None] * (G * CC) + g * CC + c0 + j[None, :], dp.to(dpre.dtype.element_ty),
-                 mask=t_ok[:, None])
-        p_dw = dw + ((b * NT + pid_t).to(tl.int64) * (G * CC) + g * CC + c0 + j) * W
-        for i in tl.static_range(W):
-            tt = t - (W - 1 - i)
-            ok = t_ok & (tt >= 0)
-            if HAS_POS:
-                ok = ok & (p_t >= W - 1 - i)
-            xv = tl.load(x_row + tt[:, None].to(tl.int64) * sxt, mask=ok[:, None], other=0.0)
-            tl.store(p_dw + i, tl.sum(dp * xv.to(tl.float32), axis=0))
-
-    @triton.jit
-    def bwd_dx_kernel(w, dpre, dz, dx, pos, T, sdb, sdt, G: tl.constexpr, DK: tl.constexpr, RDV: tl.constexpr,
-                      W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_POS: tl.constexpr):
-        # backward, pass 2 over all projection channels: dx[t] = sum_s w[W-1-s] dpre[t+s] for the conv
-        # channels, dz copied for z: the projection's whole gradient written once
-        C: tl.constexpr = 2 * DK + 2 * RDV
-        CC: tl.constexpr = 2 * DK + RDV
-        NB: tl.constexpr = C // BD
-        pid_c, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        g = pid_c // NB
-        c0 = (pid_c % NB) * BD
-        t = pid_t * BT + tl.arange(0, BT)
-        j = tl.arange(0, BD)
-        t_ok = t < T
-        rows = b.to(tl.int64) * T + t
-        p_dx = dx + b.to(tl.int64) * sdb + t[:, None].to(tl.int64) * sdt + g * C + c0 + j[None, :]
-        if c0 >= CC:  # z: its gradient copied into place
-            dzv = tl.load(dz + rows[:, None] * (G * RDV) + g * RDV + c0 - CC + j[None, :], mask=t_ok[:, None],
-                          other=0.0)
-            tl.store(p_dx, dzv, mask=t_ok[:, None])
-        else:
-            wc = w + (g * CC + c0 + j) * W
-            p_dp = dpre + rows[:, None] * (G * CC) + g * CC + c0 + j[None, :]
-            acc = tl.zeros((BT, BD), dtype=tl.float32)
-            for s in tl.static_range(W):  # x[t] feeds out[t + s] through tap W - 1 - s
-                u_ok = (t + s) < T
-                if HAS_POS:
-                    u_ok = u_ok & (tl.load(pos + t + s, mask=u_ok, other=0) >= s)  # inside one sequence
-                dp = tl.load(p_dp + s * (G * CC), mask=u_ok[:, None], other=0.0).to(tl.float32)
-                acc += dp * tl.load(wc + (W - 1 - s)).to(tl.float32)[None, :]
-            tl.store(p_dx, acc.to(dx.dtype.element_ty), mask=t_ok[:, None])
-
-    return fwd_kernel, bwd_dpre_kernel, bwd_dx_kernel
+    return k.fwd_kernel, k.bwd_dpre_kernel, k.bwd_dx_kernel
 
 
 def _strides_bt(t: torch.Tensor) -> tuple[int, int]:
