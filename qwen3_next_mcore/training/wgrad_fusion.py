@@ -16,6 +16,7 @@ Where apex's extension is installed, megatron-core's own import is kept and used
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -43,9 +44,8 @@ def fused_wgrad_unavailable(device: torch.device) -> str | None:
     return _probe(torch.cuda.current_device() if device.index is None else device.index)
 
 
+@functools.cache  # once per device
 def _probe(index: int) -> str | None:
-    if index in _PROBED:
-        return _PROBED[index]
     g = torch.Generator().manual_seed(0)
     acc = torch.randn(24, 40, generator=g)
     x, dy = (torch.randn(64, n, generator=g).to(torch.bfloat16) for n in (40, 24))
@@ -58,11 +58,7 @@ def _probe(index: int) -> str | None:
         reason = None if err < 1e-3 else f"torch.addmm(out_dtype=float32) differs from fp32 by {err:.2e}"
     except (RuntimeError, TypeError) as e:
         reason = f"torch.addmm(out_dtype=float32) failed: {e}"
-    _PROBED[index] = reason
     return reason
-
-
-_PROBED: dict[int, str | None] = {}
 
 
 def use_wgrad_accumulation_fusion(model) -> int:
