@@ -85,18 +85,22 @@ print(json.dumps({{case: check_kernel_against_reference("cpu", case, torch.float
 """
 
 
-@pytest.fixture(scope="module")
-def interpreted_errors():
-    """Every case run once in a fresh Python with TRITON_INTERPRET=1 set before Triton is imported (Triton
-    builds its own helpers, tl.zeros/sigmoid/sum, for the interpreter only when the mode is set at import:
-    the test processes that preload torch and megatron-core have already imported it)."""
+def run_interpreted(code: str) -> dict:
+    """Run ``code`` in a fresh Python with TRITON_INTERPRET=1 set before Triton is imported (Triton builds
+    its own helpers, tl.zeros/sigmoid/sum, for the interpreter only when the mode is set at import: the
+    test processes that preload torch and megatron-core have already imported it); returns the JSON object
+    its last output line prints."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = _INTERPRETED.format(tests=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreted_errors():
+    """Every case run once under Triton's interpreter."""
+    return run_interpreted(_INTERPRETED.format(tests=str(Path(__file__).parent)))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -137,12 +141,7 @@ print(json.dumps({{"loss": abs(loss_t - loss_r) / abs(loss_r), "conv_grads": sum
 def test_model_with_the_fused_conv_under_the_interpreter_matches_the_unfused_ops():
     """The tiny model (GDN, attention, MoE, MTP) with the mixer's conv backend "triton" (the fused kernels,
     Triton's interpreter) against "torch" (the unfused ops), same weights: the loss and every gradient."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_MODEL.format()], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_interpreted(_INTERPRETED_MODEL.format())
     print(result)
     assert result["conv_grads"] >= 1  # the GDN layers' conv weights got gradients
     assert result["loss"] < 1e-6 and result["worst"] < 1e-4, result
