@@ -14,6 +14,13 @@ the choice is logged like every op backend, :func:`~qwen3_next_mcore.ops.backend
 
 Parameters (this rank): ``weight1`` [E_local, 2F/etp, H] (each expert's ``linear_fc1.weight``, [gate; up]
 rows) and ``weight2`` [E_local, H, F/etp] (``linear_fc2.weight``).
+
+Under megatron-core's DDP (``wgrad_into_main_grad``, set by
+:func:`qwen3_next_mcore.training.wgrad_fusion.use_wgrad_accumulation_fusion`) the backward adds each
+weight gradient into the fp32 ``main_grad`` itself, as megatron-core's fused linears do, with one
+compiled kernel on CUDA (:func:`add_into_main_grad`): DDP's hook would add the bf16 gradient with torch's
+mixed-dtype ``add_``, which CUDA runs unvectorised (on an H200, 201 M values: 0.71 ms against 0.47 ms
+compiled, 2.8 vs 4.3 TB/s; 4 proxy layers: 1 ms per step).
 """
 
 from __future__ import annotations
@@ -24,12 +31,50 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import nn
 
-from ..ops.backends import compiled_op_backend, env_for
+from ..ops.backends import compiled, compiled_op_backend, env_for
 
 _EXTRA = "local_experts.{e}.{lin}._extra_state"
 
 # torch >= 2.10 exposes F.grouped_mm; 2.8/2.9 only the private op with the same contract
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+def add_into_main_grad(main_grad: torch.Tensor, grad: torch.Tensor, *, backend: str | None = None) -> None:
+    """``main_grad += grad`` in place: main_grad fp32, grad the same shape in any float dtype. backend
+    None/"auto": "compile" on CUDA (one vectorised kernel), "torch" on CPU (``add_``)."""
+    if compiled_op_backend("add_into_main_grad", env_for(grad), backend) == "compile":
+        compiled(_add_)(main_grad, grad)  # (in place: the arguments as they are)
+    else:
+        main_grad.add_(grad)
+
+
+def _add_(main_grad: torch.Tensor, grad: torch.Tensor) -> None:
+    main_grad.add_(grad)
+
+
+class _ExpertsGemm(torch.autograd.Function):
+    """x [T, in] rows grouped by expert (``offs``: the groups' ends), weight [E, out, in] -> [T, out],
+    ``x[rows of e] @ weight[e].T`` per expert; the backward adds the weight gradient into
+    ``weight.main_grad`` (:func:`add_into_main_grad`) and marks it added for DDP's hook."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offs):
+        ctx.save_for_backward(x, offs)
+        ctx.weight = weight
+        return _grouped_mm(x, weight.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, offs = ctx.saved_tensors
+        weight = ctx.weight
+        grad_x = _grouped_mm(grad, weight, offs=offs) if ctx.needs_input_grad[0] else None
+        grad_w = _grouped_mm(grad.t(), x, offs=offs)  # [E, out, in], sums over each expert's rows
+        add_into_main_grad(weight.main_grad, grad_w)
+        weight.grad_added_to_main_grad = True
+        if getattr(weight, "zero_out_wgrad", False):  # (megatron-core's contract for shared weights)
+            grad_w.zero_()
+        # returned only as autograd's placeholder: DDP's hook sees grad_added_to_main_grad and drops it
+        return grad_x, grad_w, None
 
 
 class GroupedGemmExperts(MegatronModule):
@@ -39,6 +84,7 @@ class GroupedGemmExperts(MegatronModule):
     fused SwiGLU) or "torch"."""
 
     activation_backend: str | None = None
+    wgrad_into_main_grad: bool = False  # see the module docstring
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None, **_):
         super().__init__(config=config)
@@ -71,7 +117,7 @@ class GroupedGemmExperts(MegatronModule):
                 permuted_probs: torch.Tensor):
         x = permuted_local_hidden_states
         offs = torch.cumsum(tokens_per_expert.to(device=x.device), 0).to(torch.int32)
-        h = _grouped_mm(x, self.weight1.transpose(1, 2), offs=offs)  # [T, 2F]
+        h = self._gemm(x, self.weight1, offs)  # [T, 2F]
         if compiled_op_backend("moe_weighted_swiglu", env_for(x), self.activation_backend) == "compile":
             from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 
@@ -80,8 +126,13 @@ class GroupedGemmExperts(MegatronModule):
             gate, up = h.chunk(2, dim=-1)
             act = F.silu(gate) * up
             act = (act.float() * permuted_probs.unsqueeze(-1).float()).to(act.dtype)
-        out = _grouped_mm(act, self.weight2.transpose(1, 2), offs=offs)  # [T, H]
+        out = self._gemm(act, self.weight2, offs)  # [T, H]
         return out, None
+
+    def _gemm(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        if self.wgrad_into_main_grad and weight.requires_grad and torch.is_grad_enabled():
+            return _ExpertsGemm.apply(x, weight, offs)
+        return _grouped_mm(x, weight.transpose(1, 2), offs=offs)
 
     def expert_views(self) -> list[tuple[str, torch.Tensor]]:
         """(``local_experts.{e}.linear_fc{1,2}.weight``, view) per local expert: SequentialMLP's names."""

@@ -1,11 +1,14 @@
-"""training/wgrad_fusion.py: the dense linears' weight gradients added into the fp32 main grads by the
-GEMM (megatron-core's gradient-accumulation fusion, its apex GEMM supplied by torch.addmm(out_dtype)).
+"""training/wgrad_fusion.py: weight gradients added straight into the fp32 main grads: the dense linears'
+by the GEMM (megatron-core's gradient-accumulation fusion, its apex GEMM supplied by
+torch.addmm(out_dtype); CUDA only) and the word embedding's by one sorted index_put_ of the looked-up rows
+(any device).
 
-On CPU it stays off (the fused GEMM is CUDA-only) and nothing is changed. On a GPU: the fused GEMM
-against float64, and a bf16 model under megatron-core's DDP over two micro-batches, run as built and
-again with the fusion forced off (one process): every main grad with the fusion equals the plain path's
-(bf16 wgrad then added) to within the bf16 rounding the plain path makes, the other parameters' to
-1e-4, and the fused linears leave no gradient in ``param.grad``."""
+The embedding's row sums against float64 with repeated ids. The tiny model under megatron-core's DDP over
+two micro-batches, run as built and again with every fusion undone (one process): on CPU (fp32) the
+embedding's main grad equals the plain path's (dense gradient, then added) to fp32 summation order and
+every other one bit for bit; on a GPU (bf16) the fused linears' main grads equal the plain path's to
+within the bf16 rounding the plain path makes, the rest to 1e-4; fused modules leave no ``param.grad``.
+The fused GEMM against float64 on a GPU."""
 
 from __future__ import annotations
 
@@ -13,32 +16,45 @@ import pytest
 import torch
 
 from qwen3_next_mcore.testing.distributed import run_distributed
-from qwen3_next_mcore.training.wgrad_fusion import fused_wgrad_unavailable, wgrad_gemm_accum_fp32
+from qwen3_next_mcore.training.wgrad_fusion import (
+    embedding_rows_into_main_grad,
+    fused_wgrad_unavailable,
+    wgrad_gemm_accum_fp32,
+)
 
 _gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _model_and_grads(rank):
+def _model_and_grads(rank, mtp_layers: int = 0):
     """Build the tiny model under DDP (CPU or CUDA as available) and run forward/backward over two
-    micro-batches twice: as built, then with the fusion forced off on every linear. Returns (the linears
-    fused as built, {name: main_grad} as built, the same forced off, {name: grad left} as built)."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    micro-batches twice: as built, then with every fusion undone. Returns (the names of the modules fused
+    as built, {name: main_grad} as built, the same undone, {name: grad left} as built, {name: whether
+    its backward marked the main grad as already added} as built)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
     from qwen3_next_mcore import parallel
     from qwen3_next_mcore.bench.train_step import _batch, _initial_hf_state
     from qwen3_next_mcore.config import get_preset
+    from qwen3_next_mcore.layers.grouped_experts import GroupedGemmExperts
     from qwen3_next_mcore.training.arguments import make_config
     from qwen3_next_mcore.training.loop import _build
     from qwen3_next_mcore.training.step import forward_backward
 
     parallel.initialize(seed=0)
-    config = get_preset("tiny").model_copy(update={"mtp_num_layers": 0})
+    # a small vocabulary: a placeholder gradient allocated uninitialised then holds old values, not fresh zeros
+    config = get_preset("tiny", vocab_size=1024, mtp_num_layers=mtp_layers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = make_config(preset="tiny", data_path=("unused",), micro_batch_size=2, seq_length=32, lr=1e-3,
                       bf16=device.type == "cuda")
-    _, ddp, _, _ = _build(cfg, hf_weights=_initial_hf_state(config, torch.device("cpu")), model_config=config)
+    # (transformers' model has no MTP weights: megatron-core's initialisation then)
+    hf = None if mtp_layers else _initial_hf_state(config, torch.device("cpu"))
+    _, ddp, _, _ = _build(cfg, hf_weights=hf, model_config=config)
     linears = {n: m for n, m in ddp.module.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))}
     on = sorted(n for n, m in linears.items() if m.gradient_accumulation_fusion)
+    embeddings = {n: m for n, m in ddp.module.named_modules() if isinstance(m, VocabParallelEmbedding)}
+    on += sorted(n for n, m in embeddings.items() if type(m) is not VocabParallelEmbedding)
+    experts = {n: m for n, m in ddp.module.named_modules() if isinstance(m, GroupedGemmExperts)}
+    on += sorted(n for n, m in experts.items() if m.wgrad_into_main_grad)
     batches = []
     for seed in (1, 2):
         ids = _batch(config.vocab_size, 2, 32, torch.device("cpu")).roll(seed, dims=1)
@@ -51,21 +67,47 @@ def _model_and_grads(rank):
 
     as_built = grads()
     left = {n: p.grad is not None for n, p in ddp.module.named_parameters()}
+    marked = {n: p.grad_added_to_main_grad for n, p in ddp.module.named_parameters()}
     for m in linears.values():
         m.gradient_accumulation_fusion = False
+    for m in embeddings.values():
+        m.__class__ = VocabParallelEmbedding
+    for m in experts.values():
+        m.wgrad_into_main_grad = False
     plain = grads()
     parallel.destroy()
-    return on, as_built, plain, left
+    return on, as_built, plain, left, marked
 
 
-def test_off_on_cpu_and_nothing_changed():
+def test_embedding_rows_into_main_grad_sums_repeated_ids():
+    g = torch.Generator().manual_seed(0)
+    main = torch.randn(50, 24, generator=g)
+    ids = torch.tensor([[3, 7, 3, 0], [49, 3, 7, 11]])  # 3 three times, 7 twice
+    grad = torch.randn(2, 4, 24, generator=g).to(torch.bfloat16)
+    want = main.double().index_add(0, ids.reshape(-1), grad.reshape(-1, 24).double())
+    embedding_rows_into_main_grad(main, ids, grad)
+    assert float((main.double() - want).abs().max()) < 1e-6
+    assert torch.equal(main[1], want[1].float())  # rows not looked up are untouched
+
+
+@pytest.mark.parametrize("mtp_layers", [0, 1], ids=["no-mtp", "mtp"])  # MTP looks the embedding up again
+def test_cpu_fuses_the_embedding_and_experts_and_matches_the_plain_path(mtp_layers):
     assert "needs CUDA" in fused_wgrad_unavailable(torch.device("cpu"))
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the fusion is on (see the GPU test)")
-    on, as_built, plain, _ = run_distributed(_model_and_grads, 1)[0]
-    assert on == []
-    for name, g in plain.items():  # nothing fused: both runs are the plain path, bit for bit
-        assert torch.equal(as_built[name], g) and torch.isfinite(g).all(), name
+        pytest.skip("this machine has CUDA: the linears are fused too (see the GPU test)")
+    on, as_built, plain, left, marked = run_distributed(_model_and_grads, 1, args=(mtp_layers,))[0]
+    experts = sorted(n for n in on if n.endswith(".mlp.experts"))
+    assert len(experts) == 4 + mtp_layers, on  # the tiny model's four MoE layers and MTP's
+    assert on == ["embedding.word_embeddings", *experts]
+    # DDP's hook would add the backward's placeholder gradient on top (uninitialised memory)
+    assert sorted(n.rsplit(".", 1)[0] for n, m in marked.items() if m) == sorted(on + experts)
+    for name, g in plain.items():
+        if name.rsplit(".", 1)[0] in on:  # the same fp32 sums, maybe in another order
+            assert g.abs().max() > 0
+            assert float((as_built[name] - g).abs().max() / g.abs().max()) < 1e-6, name
+        else:  # nothing else changed: bit for bit
+            assert torch.equal(as_built[name], g) and torch.isfinite(g).all(), name
+    assert not any(left.values())
 
 
 @pytest.mark.gpu
@@ -86,14 +128,30 @@ def test_fused_gemm_accumulates_in_fp32():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_main_grads_match_the_plain_path_under_ddp():
-    on, fused, plain, left = run_distributed(_model_and_grads, 1)[0]
-    assert len(on) >= 4 and "output_layer" in on  # the GDN and attention projections, the output layer
+    on, fused, plain, left, marked = run_distributed(_model_and_grads, 1)[0]
+    assert sorted(n.rsplit(".", 1)[0] for n, m in marked.items() if m) == on
+    assert len(on) >= 5 and "output_layer" in on  # the GDN and attention projections, the output layer
+    assert "embedding.word_embeddings" in on
     for name, g in plain.items():
         if name.rsplit(".", 1)[0] in on:  # the plain path rounds the wgrad to bf16, the fused one does not
             rel = float((fused[name] - g).norm() / g.norm().clamp_min(1e-30))
             assert rel < 2e-2, (name, rel)
-        else:  # norms, experts, router, embedding: their gradients do not go through the fused GEMM (equal
+        else:  # norms, experts, router: their gradients do not go through a fused path (equal
             # but for the order of sums in GPU kernels that may use atomics)
             rel = float((fused[name] - g).norm() / g.norm().clamp_min(1e-30))
             assert rel < 1e-4, (name, rel)
     assert not any(left.values())  # DDP cleared every param.grad (the fused linears' dummies included)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_experts_compiled_main_grad_add_equals_torch_add():
+    from qwen3_next_mcore.layers.grouped_experts import add_into_main_grad
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in ((8, 1024, 256), (8, 256, 512)):  # both expert weights' shapes: one compiled graph each
+        main = torch.randn(shape, device="cuda", generator=g)
+        grad = torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16)
+        want = main.clone().add_(grad)
+        add_into_main_grad(main, grad)  # CUDA default: the compiled kernel
+        assert torch.equal(main, want)  # one fp32 add per element either way
