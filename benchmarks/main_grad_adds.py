@@ -7,8 +7,9 @@ At the proxy model's sizes (one MoE layer's 64 experts x 3 x 2048 x 512 = 201 M 
 after 3 warm-up (10 for the embedding):
 
 - ``main_grad += bf16 grad``: torch's mixed-dtype ``add_`` (what megatron-core's DDP hook runs), the same
-  ``add_`` compiled (what the experts' backward runs, ``layers.grouped_experts.add_into_main_grad``),
-  and the grad cast to fp32 first; a fp32 fill for the bandwidth reference;
+  ``add_`` compiled (what the experts' backward runs, ``layers.grouped_experts.add_into_main_grad``), its
+  compiled copy (the step's first gradient), and the grad cast to fp32 first; a fp32 fill for the
+  bandwidth reference;
 - the embedding: torch's dense embedding backward then the add (the plain path) against the looked-up rows
   added into the fp32 main grad (``index_put_`` with accumulation: ``embedding_rows_into_main_grad``; and
   ``index_add_``, which uses atomics, for comparison);
@@ -46,9 +47,12 @@ def main() -> None:
     grad = torch.randn(n, device=dev, dtype=torch.bfloat16)
     for name, fn in (("torch add_ (fp32 += bf16)", lambda: main_grad.add_(grad)),
                      ("compiled add_ (add_into_main_grad)", lambda: add_into_main_grad(main_grad, grad)),
+                     ("compiled copy_ (add_into_main_grad, first=True)",
+                      lambda: add_into_main_grad(main_grad, grad, first=True)),
                      ("add_(grad.float())", lambda: main_grad.add_(grad.float()))):
         ms = _ms(fn)
-        print(f"{name}, {n / 1e6:.0f} M values: {ms:.3f} ms, {n * 10 / ms / 1e9:.2f} TB/s (10 bytes/value)")
+        moved = 6 if "copy" in name else 10  # bytes per value
+        print(f"{name}, {n / 1e6:.0f} M values: {ms:.3f} ms, {n * moved / ms / 1e9:.2f} TB/s ({moved} bytes/value)")
     ms = _ms(lambda: main_grad.fill_(0))
     print(f"fp32 fill, {n / 1e6:.0f} M values: {ms:.3f} ms, {n * 4 / ms / 1e9:.2f} TB/s")
 

@@ -145,7 +145,7 @@ def test_main_grads_match_the_plain_path_under_ddp():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_experts_compiled_main_grad_add_equals_torch_add():
+def test_experts_compiled_main_grad_add_and_copy_equal_torch():
     from qwen3_next_mcore.layers.grouped_experts import add_into_main_grad
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -155,3 +155,5 @@ def test_experts_compiled_main_grad_add_equals_torch_add():
         want = main.clone().add_(grad)
         add_into_main_grad(main, grad)  # CUDA default: the compiled kernel
         assert torch.equal(main, want)  # one fp32 add per element either way
+        add_into_main_grad(main, grad, first=True)  # the step's first gradient: a copy
+        assert torch.equal(main, grad.float())
