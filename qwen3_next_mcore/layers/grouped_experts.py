@@ -79,8 +79,10 @@ class _ExpertsGemm(torch.autograd.Function):
         grad_x = _grouped_mm(grad, weight, offs=offs) if ctx.needs_input_grad[0] else None
         grad_w = _grouped_mm(grad.t(), x, offs=offs)  # [E, out, in], sums over each expert's rows
         # DDP zeroes the main grads and clears grad_added_to_main_grad before each step, and only this
-        # backward writes these weights' main grads: the step's first gradient is copied, not added
-        add_into_main_grad(weight.main_grad, grad_w, first=not weight.grad_added_to_main_grad)
+        # backward writes these weights' main grads: the step's first gradient is copied, not added (a
+        # weight without DDP's flag is always added to)
+        first = getattr(weight, "grad_added_to_main_grad", None) is False
+        add_into_main_grad(weight.main_grad, grad_w, first=first)
         weight.grad_added_to_main_grad = True
         if getattr(weight, "zero_out_wgrad", False):  # (megatron-core's contract for shared weights)
             grad_w.zero_()
