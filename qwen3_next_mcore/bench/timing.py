@@ -146,12 +146,37 @@ def profile_table(step: Callable[[], object], *, steps: int, device: torch.devic
         busy_ms = sum(e.self_device_time_total for e in events
                       if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e3 / steps
         head += f", GPU-busy {busy_ms:.1f} ms"
+    if cuda:
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        idle_us, gaps = idle_gaps(kernels)
+        head += f"\nGPU idle between its first and last kernel: {idle_us / 1e3 / steps:.1f} ms per step"
+        if gaps:
+            head += "; the longest gaps (ms, kernel before -> kernel after):\n" + "\n".join(
+                f"  {us / 1e3:7.3f}  {before[:70]} -> {after[:70]}" for us, before, after in gaps)
     text = head + "\n\n" + events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                          row_limit=row_limit, max_name_column_width=90)
     if cuda:
         text += "\n\nsorted by host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=row_limit,
                                                             max_name_column_width=90)
     return text
+
+
+def idle_gaps(kernels: list[tuple[str, float, float]], *, top: int = 12) -> tuple[float, list[tuple[float, str, str]]]:
+    """Where a device idles: ``kernels`` as (name, start, end) in microseconds, any order, any streams
+    (overlapping kernels count once) -> (the idle time between the first start and the last end, the
+    ``top`` longest gaps as (length, the kernel that ended last before it, the kernel that starts it)),
+    longest first. Gaps are what the host did not issue in time (or a synchronisation)."""
+    idle, gaps = 0.0, []
+    last_end, last_name = None, None
+    for name, start, end in sorted(kernels, key=lambda k: (k[1], k[2])):
+        if last_end is not None and start > last_end:
+            idle += start - last_end
+            gaps.append((start - last_end, last_name, name))
+        if last_end is None or end > last_end:
+            last_end, last_name = end, name
+    gaps.sort(key=lambda g: -g[0])
+    return idle, gaps[:top]
 
 
 def atomic_write_text(path: Path, text: str) -> None:

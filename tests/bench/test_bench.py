@@ -198,3 +198,15 @@ def test_gdn_conv_case_in_bf16_checks_each_candidate_on_its_own_leaves():
     errs = errors["torch conv, unfused split"]
     assert set(errs) == {"output_0", "output_1", "output_2", "output_3", "d_input", "d_conv_weight"}
     assert 0 < max(errs.values()) < 1e-2, errs  # one bf16 rounding of inputs and outputs
+
+
+def test_idle_gaps_take_the_union_of_overlapping_kernels():
+    from qwen3_next_mcore.bench.timing import idle_gaps
+
+    kernels = [("c", 30.0, 35.0), ("a", 0.0, 10.0), ("b", 2.0, 12.0),  # a and b overlap (two streams)
+               ("d", 33.0, 40.0), ("e", 41.5, 50.0), ("f", 44.0, 45.0)]  # f inside e
+    idle, gaps = idle_gaps(kernels)
+    assert idle == 18.0 + 1.5  # 12 -> 30 and 40 -> 41.5
+    assert gaps == [(18.0, "b", "c"), (1.5, "d", "e")]
+    assert idle_gaps(kernels, top=1)[1] == [(18.0, "b", "c")]
+    assert idle_gaps([]) == (0.0, [])
