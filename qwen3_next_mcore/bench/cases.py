@@ -549,7 +549,40 @@ def moe_block(shape: Shape, device: torch.device, models: _Models) -> Case:
     nbytes = 2 * B * T * c.hidden_size * elt + weights
     return Case("moe-block", reference, cands, unavailable, flops, nbytes, _floor(flops, None), 5e-2,
                 {"floor": "router + routed top-k + shared expert GEMM FLOPs at the matmul rate (grouped-GEMM floor)",
-                 "transformers_experts_tried": impls})
+                 "transformers_experts_tried": impls,
+                 "measured_ms": {"torch's grouped GEMMs alone (the routed experts' two GEMMs and their four "
+                                 "backward GEMMs, at this input's routing)": _grouped_gemms_alone(ours, xs, device)}})
+
+
+def _grouped_gemms_alone(moe, x: torch.Tensor, device: torch.device, reps: int = 20) -> dict:
+    """{"fwd": ms, "fwd_bwd": ms} of the six grouped GEMMs of ``moe``'s routed experts (forward: fc1, fc2;
+    backward: each one's input and weight gradient) at the routing ``moe``'s router gives ``x``
+    [B, T, H], on random activations of those shapes: what the block's time would be if everything but
+    torch's grouped GEMM were free."""
+    from ..layers.grouped_experts import _grouped_mm
+    from .timing import measure
+
+    experts = moe.experts
+    w1, w2 = experts.weight1.detach(), experts.weight2.detach()  # [E, 2F, H], [E, H, F]
+    with torch.no_grad():
+        _, routing_map = moe.router(x)
+        offs = torch.cumsum(routing_map.sum(0), 0).to(torch.int32)
+    rows, (F2, H) = int(routing_map.sum()), w1.shape[1:]
+    gen = torch.Generator(device=device).manual_seed(4)
+    h_in, g1 = (torch.randn(rows, n, device=device, generator=gen).to(w1.dtype) for n in (H, F2))
+    a_in, g2 = (torch.randn(rows, n, device=device, generator=gen).to(w1.dtype) for n in (F2 // 2, H))
+
+    def fwd():
+        return _grouped_mm(h_in, w1.transpose(1, 2), offs=offs), _grouped_mm(a_in, w2.transpose(1, 2), offs=offs)
+
+    def fwd_bwd():
+        fwd()
+        return (_grouped_mm(g1, w1, offs=offs), _grouped_mm(g1.t(), h_in, offs=offs),
+                _grouped_mm(g2, w2, offs=offs), _grouped_mm(g2.t(), a_in, offs=offs))
+
+    with torch.no_grad():
+        return {"fwd": measure(fwd, warmup=3, reps=reps, device=device).median_ms,
+                "fwd_bwd": measure(fwd_bwd, warmup=3, reps=reps, device=device).median_ms}
 
 
 LAYER_CASES = {"gdn-kernel": gdn_kernel, "gdn-conv": gdn_conv, "gdn-layer": gdn_layer, "attention-layer": attention_layer,

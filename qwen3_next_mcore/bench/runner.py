@@ -285,6 +285,10 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {r['candidate']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
                              f"{r['fwd_bwd_tflops']:.0f} | {_f(r.get('fwd_gbps'), '.0f')} | "
                              f"{_f(r.get('fwd_bwd_vs_floor'))} | {err:.1e} | {sp} |")
+        for k, v in res.get("info", {}).get("measured_ms", {}).items():
+            fl = res.get("floor_ms")
+            ratio = f" ({v['fwd_bwd'] / fl['fwd_bwd']:.2f}x the floor)" if fl else ""
+            lines.append(f"\n- measured in this run: {k}: fwd {v['fwd']:.2f} ms, fwd+bwd {v['fwd_bwd']:.2f} ms{ratio}")
         for k, v in res.get("unavailable", {}).items():
             lines.append(f"\n- unavailable here: {k}: {v}")
         for k, v in res.get("refused", {}).items():

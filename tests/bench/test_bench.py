@@ -44,6 +44,11 @@ def test_small_run_checks_and_times_every_available_candidate(tmp_path):
     assert set(saved["cases"]) == set(expected)
     md = (tmp_path / "bench_small.md").read_text()
     assert "## gdn-layer" in md and "| ours |" in md
+    # the routed experts' grouped GEMMs alone, at the block's own routing, beside the block
+    [(label, gemms)] = report["cases"]["moe-block"]["info"]["measured_ms"].items()
+    assert 0 < gemms["fwd"] < gemms["fwd_bwd"] and "grouped GEMMs alone" in label
+    assert re.search(r"measured in this run: torch's grouped GEMMs alone .*: fwd [0-9.]+ ms, fwd\+bwd [0-9.]+ ms "
+                     r"\([0-9.]+x the floor\)", md)
     assert not list(tmp_path.glob("*.tmp"))
     # one profiler table per timed candidate, naming the operators that ran
     tables = {p.name: p.read_text() for p in (tmp_path / "profile").glob("*.txt")}
