@@ -77,7 +77,11 @@ class _ExpertsGemm(torch.autograd.Function):
         x, offs = ctx.saved_tensors
         weight = ctx.weight
         grad_x = _grouped_mm(grad, weight, offs=offs) if ctx.needs_input_grad[0] else None
-        grad_w = _grouped_mm(grad.t(), x, offs=offs)  # [E, out, in], sums over each expert's rows
+        if x.shape[0]:
+            grad_w = _grouped_mm(grad.t(), x, offs=offs)  # [E, out, in], sums over each expert's rows
+        else:  # no rows at all (an expert-parallel rank no token was routed to): CUDA's grouped GEMM
+            # rejects a zero-length contraction, and every expert's gradient is zero
+            grad_w = torch.zeros(weight.shape, dtype=grad.dtype, device=grad.device)
         # DDP zeroes the main grads and clears grad_added_to_main_grad before each step, and only this
         # backward writes these weights' main grads: the step's first gradient is copied, not added (a
         # weight without DDP's flag is always added to)

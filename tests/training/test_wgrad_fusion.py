@@ -157,3 +157,30 @@ def test_experts_compiled_main_grad_add_and_copy_equal_torch():
         assert torch.equal(main, want)  # one fp32 add per element either way
         add_into_main_grad(main, grad, first=True)  # the step's first gradient: a copy
         assert torch.equal(main, grad.float())
+
+
+@pytest.mark.parametrize("rows", [[3, 0, 5], [0, 0, 0]], ids=["an-empty-expert", "no-rows"])
+def test_experts_gemm_backward_into_main_grad_copies_then_adds(rows):
+    """The grouped experts' autograd function alone: its weight gradient against float64 per-expert
+    products, copied into the main grad on the step's first backward (DDP's flag False) and added on the
+    next; an expert without rows, or no rows at all, gets zeros."""
+    from qwen3_next_mcore.layers.grouped_experts import _ExpertsGemm
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(3, 16, 8, generator=g))  # [E, out, in]
+    weight.main_grad = torch.full((3, 16, 8), 7.0)  # stale values: the first backward must overwrite them
+    weight.grad_added_to_main_grad = False
+    offs = torch.tensor(rows).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(rows), 8, generator=g, requires_grad=True)
+    dy = torch.randn(sum(rows), 16, generator=g)
+    want = torch.zeros(3, 16, 8, dtype=torch.float64)
+    start = 0
+    for e, n in enumerate(rows):
+        want[e] = dy[start:start + n].double().t() @ x[start:start + n].double()
+        start += n
+    for expected in (want, 2 * want):  # first backward: a copy; the second: an add
+        _ExpertsGemm.apply(x, weight, offs).backward(dy)
+        assert weight.grad_added_to_main_grad
+        assert float((weight.main_grad.double() - expected).abs().max()) < 1e-5
+    if rows[1] == 0:
+        assert torch.equal(weight.main_grad[1], torch.zeros(16, 8))
