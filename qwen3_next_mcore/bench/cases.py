@@ -527,6 +527,11 @@ def moe_block(shape: Shape, device: torch.device, models: _Models) -> Case:
     cands = [_ours_candidate("ours (grouped GEMM experts)", ours, xs, ours_call,
                              {"shared_down": ours.shared_experts.linear_fc2.weight})]
     unavailable = {}
+    autotuned = _autotuned_experts_candidate(ours, xs, device)
+    if isinstance(autotuned, str):
+        unavailable["ours (autotuned grouped GEMMs)"] = autotuned
+    else:
+        cands.append(autotuned)
     impls = _fastest_experts_implementation(device)
     for impl in impls:
         try:
@@ -552,6 +557,34 @@ def moe_block(shape: Shape, device: torch.device, models: _Models) -> Case:
                  "transformers_experts_tried": impls,
                  "measured_ms": {"torch's grouped GEMMs alone (the routed experts' two GEMMs and their four "
                                  "backward GEMMs, at this input's routing)": _grouped_gemms_alone(ours, xs, device)}})
+
+
+def _autotuned_experts_candidate(moe, xs: torch.Tensor, device: torch.device):
+    """Our block with its experts' grouped GEMMs on the opt-in "autotune" backend (Inductor's choice among
+    its Triton grouped-GEMM templates and torch's kernel, tuned per shape), as a candidate; or why it
+    cannot run here (the backend's rule, or the error of a first forward+backward, which also tunes)."""
+    from ..ops.backends import detect_kernel_env, grouped_gemm_backend_report
+
+    why = grouped_gemm_backend_report(detect_kernel_env(device.type), "autotune")["error"]
+    if why is not None:
+        return why
+
+    def call(m, x):
+        m.experts.gemm_backend = "autotune"  # (the backward keeps the backend its forward ran with)
+        try:
+            return m(x)[0]
+        finally:
+            m.experts.gemm_backend = None
+
+    cand = _ours_candidate("ours (autotuned grouped GEMMs)", moe, xs, call,
+                           {"shared_down": moe.shared_experts.linear_fc2.weight})
+    try:
+        cand.forward().float().sum().backward()
+    except Exception as e:  # noqa: BLE001 - reported as unavailable, the case goes on
+        return f"{type(e).__name__}: {e}"
+    finally:
+        cand.zero_grad()
+    return cand
 
 
 def _grouped_gemms_alone(moe, x: torch.Tensor, device: torch.device, reps: int = 20) -> dict:

@@ -26,13 +26,16 @@ copied instead (DDP zeroed the buffer; nothing else writes these main grads), re
 
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import nn
 
-from ..ops.backends import compiled, compiled_op_backend, env_for
+from ..ops.backends import compiled, compiled_op_backend, env_for, grouped_gemm_backend
 
 _EXTRA = "local_experts.{e}.{lin}._extra_state"
 
@@ -61,27 +64,59 @@ def _copy_(main_grad: torch.Tensor, grad: torch.Tensor) -> None:
     main_grad.copy_(grad)
 
 
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``torch.nn.functional.grouped_mm(a, b, offs=offs)`` (its contract: a [rows, K] with rows grouped by
+    ``offs`` and b [G, K, N] -> [rows, N]; or a [M, rows], b [rows, N] -> [G, M, N]), bf16/fp32.
+
+    backend None/"torch": torch's kernel. "autotune" (opt-in, CUDA sm90+): Inductor under max-autotune
+    benchmarks its Triton grouped-GEMM templates and torch's kernel for each shape and keeps the fastest;
+    one compiled copy per shape and layout (the first call of each tunes: seconds to minutes), so it suits
+    fixed shapes (a fixed micro-batch at one expert-parallel rank), not row counts that change every step.
+    The choice is logged once; "autotune" where it cannot run raises."""
+    if grouped_gemm_backend(env_for(a), backend) == "autotune":
+        return _autotuned_grouped_mm((a.shape, a.stride(), b.shape, b.stride(), a.dtype, offs.shape))(a, b, offs)
+    return _grouped_mm(a, b, offs=offs)
+
+
+def _plain_grouped_mm(a, b, offs):
+    return _grouped_mm(a, b, offs=offs)
+
+
+@functools.cache
+def _autotuned_grouped_mm(signature: tuple):
+    """``torch.compile`` (max-autotune, whole graph) of one grouped GEMM, a copy per ``signature`` with its own
+    code object: dynamo counts recompilations per code object and past its limit would run eagerly."""
+    fn = _plain_grouped_mm
+    clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(clone, mode="max-autotune-no-cudagraphs", dynamic=False, fullgraph=True)
+
+
 class _ExpertsGemm(torch.autograd.Function):
     """x [T, in] rows grouped by expert (``offs``: the groups' ends), weight [E, out, in] -> [T, out],
-    ``x[rows of e] @ weight[e].T`` per expert; the backward adds the weight gradient into
-    ``weight.main_grad`` (:func:`add_into_main_grad`) and marks it added for DDP's hook."""
+    ``x[rows of e] @ weight[e].T`` per expert, every GEMM through :func:`grouped_gemm` with ``backend``.
+    With ``into_main_grad`` the backward adds the weight gradient into ``weight.main_grad``
+    (:func:`add_into_main_grad`) and marks it added for DDP's hook; otherwise it returns it."""
 
     @staticmethod
-    def forward(ctx, x, weight, offs):
+    def forward(ctx, x, weight, offs, backend, into_main_grad):
         ctx.save_for_backward(x, offs)
-        ctx.weight = weight
-        return _grouped_mm(x, weight.transpose(1, 2), offs=offs)
+        ctx.weight, ctx.backend, ctx.into_main_grad = weight, backend, into_main_grad
+        return grouped_gemm(x, weight.transpose(1, 2), offs, backend=backend)
 
     @staticmethod
     def backward(ctx, grad):
         x, offs = ctx.saved_tensors
-        weight = ctx.weight
-        grad_x = _grouped_mm(grad, weight, offs=offs) if ctx.needs_input_grad[0] else None
-        if x.shape[0]:
-            grad_w = _grouped_mm(grad.t(), x, offs=offs)  # [E, out, in], sums over each expert's rows
+        weight, backend = ctx.weight, ctx.backend
+        grad_x = grouped_gemm(grad, weight, offs, backend=backend) if ctx.needs_input_grad[0] else None
+        if not (ctx.into_main_grad or ctx.needs_input_grad[1]):
+            return grad_x, None, None, None, None
+        if x.shape[0]:  # [E, out, in], sums over each expert's rows
+            grad_w = grouped_gemm(grad.t(), x, offs, backend=backend)
         else:  # no rows at all (an expert-parallel rank no token was routed to): CUDA's grouped GEMM
             # rejects a zero-length contraction, and every expert's gradient is zero
             grad_w = torch.zeros(weight.shape, dtype=grad.dtype, device=grad.device)
+        if not ctx.into_main_grad:
+            return grad_x, grad_w, None, None, None
         # DDP zeroes the main grads and clears grad_added_to_main_grad before each step, and only this
         # backward writes these weights' main grads: the step's first gradient is copied, not added (a
         # weight without DDP's flag is always added to)
@@ -91,16 +126,18 @@ class _ExpertsGemm(torch.autograd.Function):
         if getattr(weight, "zero_out_wgrad", False):  # (megatron-core's contract for shared weights)
             grad_w.zero_()
         # returned only as autograd's placeholder: DDP's hook sees grad_added_to_main_grad and drops it
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None, None
 
 
 class GroupedGemmExperts(MegatronModule):
     """forward(x [T, H] grouped by expert, tokens_per_expert [E_local], probs [T]) -> ([T, H], None).
 
     ``activation_backend``: None (automatic: "compile" on CUDA, "torch" on CPU), "compile" (megatron-core's
-    fused SwiGLU) or "torch"."""
+    fused SwiGLU) or "torch". ``gemm_backend``: :func:`grouped_gemm`'s (None: torch's kernel; "autotune":
+    Inductor's autotuned choice, opt-in, CUDA sm90+)."""
 
     activation_backend: str | None = None
+    gemm_backend: str | None = None  # grouped_gemm's backend: None/"torch", or "autotune" (opt-in)
     wgrad_into_main_grad: bool = False  # see the module docstring
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None, **_):
@@ -147,9 +184,14 @@ class GroupedGemmExperts(MegatronModule):
         return out, None
 
     def _gemm(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        if self.wgrad_into_main_grad and weight.requires_grad and torch.is_grad_enabled():
-            return _ExpertsGemm.apply(x, weight, offs)
-        return _grouped_mm(x, weight.transpose(1, 2), offs=offs)
+        backend = self.gemm_backend
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            if self.wgrad_into_main_grad and weight.requires_grad:
+                return _ExpertsGemm.apply(x, weight, offs, backend, True)
+            if grouped_gemm_backend(env_for(x), backend) != "torch":
+                return _ExpertsGemm.apply(x, weight, offs, backend, False)
+            return _grouped_mm(x, weight.transpose(1, 2), offs=offs)  # (torch's own autograd)
+        return grouped_gemm(x, weight.transpose(1, 2), offs, backend=backend)
 
     def expert_views(self) -> list[tuple[str, torch.Tensor]]:
         """(``local_experts.{e}.linear_fc{1,2}.weight``, view) per local expert: SequentialMLP's names."""

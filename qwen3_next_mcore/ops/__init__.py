@@ -11,6 +11,7 @@ from .backends import (
     conv_split_backend_report,
     detect_kernel_env,
     gdn_backend_report,
+    grouped_gemm_backend_report,
     norm_backend_report,
 )
 from .causal_conv1d import causal_conv1d
@@ -35,6 +36,7 @@ __all__ = [
     "gated_delta_rule",
     "gated_rms_norm",
     "gdn_backend_report",
+    "grouped_gemm_backend_report",
     "l2norm",
     "naive_recurrent_gated_delta_rule",
     "norm_backend_report",

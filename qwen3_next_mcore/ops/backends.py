@@ -36,6 +36,7 @@ CONV_BACKENDS = ("torch", "causal_conv1d", "fla")
 CONV_SPLIT_BACKENDS = ("triton", *CONV_BACKENDS)  # the fused kernel, or the unfused ops with that conv
 NORM_BACKENDS = ("torch", "fla")
 COMPILED_OP_BACKENDS = ("torch", "compile")
+GROUPED_GEMM_BACKENDS = ("torch", "autotune")  # torch's grouped GEMM, or Inductor's autotuned choice
 
 # Triton range with the Hopper miscompile of fla's gated backward (fixed in Triton 3.7.1)
 TRITON_BAD_MIN, TRITON_FIXED = Version("3.4.0"), Version("3.7.1")
@@ -307,6 +308,28 @@ def compiled_op_backend_report(op: str, env: KernelEnv, requested: str | None = 
     if requested in AUTO:
         return {**report, "backend": "compile" if env.device == "cuda" else "torch"}
     return {**report, "backend": requested}
+
+
+def grouped_gemm_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
+    """Backend of the grouped experts' grouped GEMMs: ``backend`` ("torch": ``torch.nn.functional.grouped_mm``,
+    the default everywhere; "autotune": Inductor under max-autotune, which benchmarks its Triton
+    grouped-GEMM templates against torch's kernel per shape and keeps the fastest; opt-in, CUDA with
+    compute capability 9.0 or newer), ``error`` (the reason "autotune" cannot run here, else None)."""
+    _check_requested(requested, GROUPED_GEMM_BACKENDS, "grouped_gemm")
+    report = {"op": "grouped_gemm", "requested": requested, **_versions(env), "backend": None, "error": None}
+    if requested in AUTO or requested == "torch":
+        return {**report, "backend": "torch"}
+    if env.device != "cuda" or env.capability is None or env.capability < (9, 0) or env.triton is None:
+        return {**report, "error": (f"grouped_gemm backend 'autotune' needs a CUDA GPU of compute capability 9.0 or "
+                                    f"newer and Triton (Inductor's grouped-GEMM templates); here: device "
+                                    f"{env.device}, capability {env.capability}, triton {env.triton}")}
+    return {**report, "backend": "autotune"}
+
+
+@cache
+def grouped_gemm_backend(env: KernelEnv, requested: str | None = None) -> str:
+    """:func:`grouped_gemm_backend_report` resolved (raises its error, logs the choice once)."""
+    return resolve(grouped_gemm_backend_report(env, requested))
 
 
 @cache

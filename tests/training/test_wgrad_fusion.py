@@ -179,7 +179,7 @@ def test_experts_gemm_backward_into_main_grad_copies_then_adds(rows):
         want[e] = dy[start:start + n].double().t() @ x[start:start + n].double()
         start += n
     for expected in (want, 2 * want):  # first backward: a copy; the second: an add
-        _ExpertsGemm.apply(x, weight, offs).backward(dy)
+        _ExpertsGemm.apply(x, weight, offs, None, True).backward(dy)
         assert weight.grad_added_to_main_grad
         assert float((weight.main_grad.double() - expected).abs().max()) < 1e-5
     if rows[1] == 0:
