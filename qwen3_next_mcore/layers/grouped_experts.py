@@ -66,7 +66,8 @@ def _copy_(main_grad: torch.Tensor, grad: torch.Tensor) -> None:
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.grouped_mm(a, b, offs=offs)`` (its contract: a [rows, K] with rows grouped by
-    ``offs`` and b [G, K, N] -> [rows, N]; or a [M, rows], b [rows, N] -> [G, M, N]), bf16/fp32.
+    ``offs`` and b [G, K, N] -> [rows, N]; or a [M, rows], b [rows, N] -> [G, M, N]), bf16/fp32 (bf16/fp16
+    for "autotune").
 
     backend None/"torch": torch's kernel. "autotune" (opt-in, CUDA sm90+): Inductor under max-autotune
     benchmarks its Triton grouped-GEMM templates and torch's kernel for each shape and keeps the fastest;
@@ -74,6 +75,9 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, backen
     fixed shapes (a fixed micro-batch at one expert-parallel rank), not row counts that change every step.
     The choice is logged once; "autotune" where it cannot run raises."""
     if grouped_gemm_backend(env_for(a), backend) == "autotune":
+        if a.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"grouped_gemm backend 'autotune' takes bf16/fp16 operands (Inductor's grouped GEMM), "
+                             f"got {a.dtype}")
         return _autotuned_grouped_mm((a.shape, a.stride(), b.shape, b.stride(), a.dtype, offs.shape))(a, b, offs)
     return _grouped_mm(a, b, offs=offs)
 

@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3_next_mcore.layers.grouped_experts import _ExpertsGemm, _grouped_mm, grouped_gemm
+from qwen3_next_mcore.layers.grouped_experts import (
+    _autotuned_grouped_mm,
+    _ExpertsGemm,
+    _grouped_mm,
+    grouped_gemm,
+)
 from qwen3_next_mcore.ops.backends import KernelEnv, grouped_gemm_backend_report
 
 
@@ -30,6 +35,21 @@ def test_autotune_asked_for_on_cpu_raises():
     a, b = torch.randn(6, 8), torch.randn(2, 8, 4)
     with pytest.raises(RuntimeError, match="autotune.*compute capability 9.0"):
         grouped_gemm(a, b, torch.tensor([2, 6], dtype=torch.int32), backend="autotune")
+
+
+def test_autotuned_wrapper_compiles_the_whole_gemm_once_per_signature():
+    """The compiled copy behind "autotune", run where the rule would refuse it (CPU: Inductor has no
+    grouped-GEMM template here, so it keeps torch's kernel): whole graph, equal to eager, one copy per
+    signature."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(32, 16, generator=g).bfloat16(), torch.randn(2, 16, 24, generator=g).bfloat16()
+    offs = torch.tensor([16, 32], dtype=torch.int32)
+    signature = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, offs.shape)
+    fn = _autotuned_grouped_mm(signature)
+    assert torch.equal(fn(a, b, offs), _grouped_mm(a, b, offs=offs))
+    assert _autotuned_grouped_mm(signature) is fn
+    other = _autotuned_grouped_mm((b.shape,) + signature[1:])
+    assert other is not fn and other.__wrapped__.__code__ is not fn.__wrapped__.__code__  # own code object
 
 
 @pytest.mark.parametrize("rows", [[3, 0, 5], [0, 0, 0]], ids=["an-empty-expert", "no-rows"])
