@@ -592,8 +592,11 @@ def _grouped_gemms_alone(moe, x: torch.Tensor, device: torch.device, reps: int =
     backward: each one's input and weight gradient) at the routing ``moe``'s router gives ``x``
     [B, T, H], on random activations of those shapes: what the block's time would be if everything but
     torch's grouped GEMM were free."""
-    from ..layers.grouped_experts import _grouped_mm
+    from ..layers.grouped_experts import grouped_gemm
     from .timing import measure
+
+    def gemm(a, b):
+        return grouped_gemm(a, b, offs, backend="torch")
 
     experts = moe.experts
     w1, w2 = experts.weight1.detach(), experts.weight2.detach()  # [E, 2F, H], [E, H, F]
@@ -606,12 +609,11 @@ def _grouped_gemms_alone(moe, x: torch.Tensor, device: torch.device, reps: int =
     a_in, g2 = (torch.randn(rows, n, device=device, generator=gen).to(w1.dtype) for n in (F2 // 2, H))
 
     def fwd():
-        return _grouped_mm(h_in, w1.transpose(1, 2), offs=offs), _grouped_mm(a_in, w2.transpose(1, 2), offs=offs)
+        return gemm(h_in, w1.transpose(1, 2)), gemm(a_in, w2.transpose(1, 2))
 
     def fwd_bwd():
         fwd()
-        return (_grouped_mm(g1, w1, offs=offs), _grouped_mm(g1.t(), h_in, offs=offs),
-                _grouped_mm(g2, w2, offs=offs), _grouped_mm(g2.t(), a_in, offs=offs))
+        return gemm(g1, w1), gemm(g1.t(), h_in), gemm(g2, w2), gemm(g2.t(), a_in)
 
     with torch.no_grad():
         return {"fwd": measure(fwd, warmup=3, reps=reps, device=device).median_ms,

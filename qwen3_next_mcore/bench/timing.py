@@ -146,7 +146,6 @@ def profile_table(step: Callable[[], object], *, steps: int, device: torch.devic
         busy_ms = sum(e.self_device_time_total for e in events
                       if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e3 / steps
         head += f", GPU-busy {busy_ms:.1f} ms"
-    if cuda:
         kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
         idle_us, gaps = idle_gaps(kernels)

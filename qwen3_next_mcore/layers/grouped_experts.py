@@ -27,7 +27,6 @@ copied instead (DDP zeroed the buffer; nothing else writes these main grads), re
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import nn
 
-from ..ops.backends import compiled, compiled_op_backend, env_for, grouped_gemm_backend
+from ..ops.backends import code_copy, compiled, compiled_op_backend, env_for, grouped_gemm_backend
 
 _EXTRA = "local_experts.{e}.{lin}._extra_state"
 
@@ -90,9 +89,8 @@ def _plain_grouped_mm(a, b, offs):
 def _autotuned_grouped_mm(signature: tuple):
     """``torch.compile`` (max-autotune, whole graph) of one grouped GEMM, a copy per ``signature`` with its own
     code object: dynamo counts recompilations per code object and past its limit would run eagerly."""
-    fn = _plain_grouped_mm
-    clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return torch.compile(clone, mode="max-autotune-no-cudagraphs", dynamic=False, fullgraph=True)
+    return torch.compile(code_copy(_plain_grouped_mm), mode="max-autotune-no-cudagraphs", dynamic=False,
+                         fullgraph=True)
 
 
 class _ExpertsGemm(torch.autograd.Function):

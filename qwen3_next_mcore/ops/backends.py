@@ -355,6 +355,14 @@ def _variant(args: tuple, kwargs: dict) -> tuple:
     return torch.is_grad_enabled(), tuple((t.dim(), t.dtype, t.device.type) for t in tensors)
 
 
+def code_copy(fn):
+    """``fn`` with a code object of its own (same globals, defaults and closure): dynamo counts graphs and
+    recompilations per code object, so each copy compiled separately has its own budget."""
+    clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__kwdefaults__ = fn.__kwdefaults__
+    return clone
+
+
 @cache
 def compiled(fn):
     """``torch.compile(fn)`` taking its arguments as they are, one compiled copy of ``fn`` per
@@ -375,10 +383,7 @@ def compiled(fn):
         key = _variant(args, kwargs)
         graph = variants.get(key)
         if graph is None:
-            clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                                       fn.__closure__)
-            clone.__kwdefaults__ = fn.__kwdefaults__
-            graph = variants[key] = torch.compile(clone, dynamic=None)
+            graph = variants[key] = torch.compile(code_copy(fn), dynamic=None)
         return graph(*args, **kwargs)
 
     return call
