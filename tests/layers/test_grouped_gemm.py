@@ -37,6 +37,15 @@ def test_autotune_asked_for_on_cpu_raises():
         grouped_gemm(a, b, torch.tensor([2, 6], dtype=torch.int32), backend="autotune")
 
 
+def test_autotune_refuses_fp32_operands(monkeypatch):
+    import qwen3_next_mcore.layers.grouped_experts as ge
+
+    monkeypatch.setattr(ge, "grouped_gemm_backend", lambda env, requested: "autotune")  # as on an sm90 GPU
+    a, b = torch.randn(6, 8), torch.randn(2, 8, 4)
+    with pytest.raises(ValueError, match="'autotune' takes bf16/fp16 operands.*got torch.float32"):
+        grouped_gemm(a, b, torch.tensor([2, 6], dtype=torch.int32), backend="autotune")
+
+
 def test_autotuned_wrapper_compiles_the_whole_gemm_once_per_signature():
     """The compiled copy behind "autotune", run where the rule would refuse it (CPU: Inductor has no
     grouped-GEMM template here, so it keeps torch's kernel): whole graph, equal to eager, one copy per
