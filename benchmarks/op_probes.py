@@ -1,12 +1,12 @@
 """Micro-benchmarks of the single ops behind the MoE and norm choices (one CUDA GPU, bf16, 80B widths).
 
-    python -m benchmarks.op_probes      # (on the offline GPU machine: source scripts/gpu_env.sh first)
+    python -m benchmarks.op_probes [PROBE...]   # (offline GPU machine: source scripts/gpu_env.sh first)
 
 Times forward and forward+backward (median of 10 after 3 warm-up) of: the routed-expert grouped GEMMs
 for 16k tokens x top-10 of 512 experts with balanced routing; the token permutation gather and the
 ways to combine the copies back (bf16 scatter_add, fp32 index_add, gather + sum over k); the
-zero-centred RMSNorm eager vs torch.compile vs fla's rms_norm; the router GEMM in fp32 vs bf16; causal
-GQA SDPA per backend. Results of an H100 run: benchmarks/results/h100-2026-11-28/op_probes.txt. These
+zero-centred RMSNorm eager vs torch.compile vs fla's rms_norm; the router GEMM in fp32 vs bf16; the
+router's top-k (torch.topk vs our row top-k kernel, ops/router_topk.py); causal GQA SDPA per backend. Results of an H100 run: benchmarks/results/h100-2026-11-28/op_probes.txt. These
 numbers explain design choices in qwen3_next_mcore/ops/token_permutation.py, layers/moe.py and
 ops/norms.py; the layer benchmarks (``python -m benchmarks.run``) are the measure of the layers.
 """
@@ -14,7 +14,7 @@ ops/norms.py; the layer benchmarks (``python -m benchmarks.run``) are the measur
 import torch
 import torch.nn.functional as F
 
-from qwen3_next_mcore.bench.timing import time_fwd_bwd
+from qwen3_next_mcore.bench.timing import measure, time_fwd_bwd
 
 DEV = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -90,6 +90,17 @@ def router():
     rep("router bf16 GEMM then float", lambda: (x @ w.t()).float(), x, w)
 
 
+def router_topk():
+    from qwen3_next_mcore.ops.router_topk import row_topk_indices
+
+    for n, e in ((T, E), (8192, 64)):  # the 80B layer; the proxy preset's 64 experts
+        logits = torch.randn(n, e, device=DEV)
+        for name, fn in (("torch.topk", lambda: torch.topk(logits, K, dim=1)),  # noqa: B023
+                         ("row_topk_indices (Triton)", lambda: row_topk_indices(logits, K))):  # noqa: B023
+            t = measure(fn, warmup=3, reps=20, device=DEV)
+            print(f"router top-{K} of [{n}, {e}] fp32, {name:28s} {t.median_ms:7.3f} ms", flush=True)
+
+
 def sdpa():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -106,6 +117,11 @@ def sdpa():
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.op_probes times CUDA kernels: run it on a machine with a CUDA GPU")
-    for probe in (grouped_gemms, permutation, norms, router, sdpa):
-        probe()
+    import sys
+
+    probes = {p.__name__: p for p in (grouped_gemms, permutation, norms, router, router_topk, sdpa)}
+    for name in sys.argv[1:] or probes:
+        if name not in probes:
+            raise SystemExit(f"unknown probe {name!r}; one of {', '.join(probes)}")
+        probes[name]()
         torch.cuda.empty_cache()

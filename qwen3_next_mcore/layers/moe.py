@@ -6,7 +6,10 @@
   forward+backward for 16k tokens x 2048 x 512 experts on an H100 (2.30 ms vs 0.49 ms). For the
   auxiliary load-balancing losses it reuses the routing's top-k where megatron-core runs a second one
   on the softmax of the same logits (the same experts: softmax keeps the order; 0.41 ms per layer at 16k
-  tokens x 512 experts on an H100), in the plain softmax top-k case Qwen3-Next uses.
+  tokens x 512 experts on an H100), in the plain softmax top-k case Qwen3-Next uses. That top-k's indices
+  come from :func:`~qwen3_next_mcore.ops.router_topk.row_topk_indices` (on CUDA our Triton kernel, in
+  place of ``torch.topk``'s radix select; ``topk_backend`` picks), and megatron-core's routing gathers the
+  scores at them (``precomputed_indices``): the same probabilities and gradients.
 - :class:`ExpertSortedAlltoAllDispatcher`: megatron-core's all-to-all token dispatcher with the
   permutation of :mod:`qwen3_next_mcore.ops.token_permutation` for dropless routing, and without the
   chunk sort that is the identity when there is one expert-parallel and tensor-parallel rank (it
@@ -25,6 +28,7 @@ from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_func
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from ..ops.router_topk import row_topk_indices
 from ..ops.token_permutation import permute_tokens, unpermute_tokens
 
 
@@ -50,7 +54,10 @@ class _Bf16GemmFp32Logits(torch.autograd.Function):
 class Qwen3NextRouter(TopKRouter):
     """``TopKRouter`` with fp32 logits from a bf16 GEMM on CUDA and one top-k per step (see the module
     docstring); elsewhere (CPU, fp32 or fp64 inputs, a router bias; other routing options) megatron-core's
-    own gating and routing."""
+    own gating and routing. ``topk_backend``: :func:`~qwen3_next_mcore.ops.router_topk.row_topk_indices`'s
+    (None: automatic)."""
+
+    topk_backend: str | None = None
 
     def _plain_softmax_topk(self, padding_mask) -> bool:
         c = self.config
@@ -67,9 +74,12 @@ class Qwen3NextRouter(TopKRouter):
             return super().routing(logits, padding_mask)
         seq_length, bsz = logits.shape[:2]
         logits = self.apply_z_loss(logits.view(-1, self.config.num_moe_experts))
+        with torch.no_grad():  # (softmax keeps the order: the logits' top-k is the scores' top-k)
+            top = row_topk_indices(logits, self.topk, backend=self.topk_backend)
         probs, routing_map = topk_routing_with_score_function(
             logits, self.topk, use_pre_softmax=self.config.moe_router_pre_softmax,
-            scaling_factor=self.config.moe_router_topk_scaling_factor, score_function="softmax")
+            scaling_factor=self.config.moe_router_topk_scaling_factor, score_function="softmax",
+            precomputed_indices=top)
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
             probs = self._apply_aux_loss(probs, scores, routing_map)

@@ -13,6 +13,7 @@ from .backends import (
     gdn_backend_report,
     grouped_gemm_backend_report,
     norm_backend_report,
+    router_topk_backend_report,
 )
 from .causal_conv1d import causal_conv1d
 from .gated_delta_rule import (
@@ -23,6 +24,7 @@ from .gated_delta_rule import (
 )
 from .gdn_conv_split import conv_split_qkvz, conv_split_qkvz_reference
 from .norms import gated_rms_norm, zero_centered_rms_norm
+from .router_topk import row_topk_indices, row_topk_reference
 
 __all__ = [
     "KernelEnv",
@@ -40,5 +42,8 @@ __all__ = [
     "l2norm",
     "naive_recurrent_gated_delta_rule",
     "norm_backend_report",
+    "router_topk_backend_report",
+    "row_topk_indices",
+    "row_topk_reference",
     "zero_centered_rms_norm",
 ]

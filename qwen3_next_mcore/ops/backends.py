@@ -37,6 +37,7 @@ CONV_SPLIT_BACKENDS = ("triton", *CONV_BACKENDS)  # the fused kernel, or the unf
 NORM_BACKENDS = ("torch", "fla")
 COMPILED_OP_BACKENDS = ("torch", "compile")
 GROUPED_GEMM_BACKENDS = ("torch", "autotune")  # torch's grouped GEMM, or Inductor's autotuned choice
+ROUTER_TOPK_BACKENDS = ("torch", "triton")  # torch.topk, or our row top-k kernel
 
 # Triton range with the Hopper miscompile of fla's gated backward (fixed in Triton 3.7.1)
 TRITON_BAD_MIN, TRITON_FIXED = Version("3.4.0"), Version("3.7.1")
@@ -269,6 +270,25 @@ def conv_split_backend_report(env: KernelEnv, requested: str | None = None, *, i
                                    f"TRITON_INTERPRET=1), got {env.device}; use 'torch'"}
     if env.device == "cuda" and env.triton is None:
         return {**report, "error": f"gdn_conv_split: CUDA tensors but Triton is not installed; {GPU_EXTRA_HINT}, "
+                                   "or pass backend='torch' on purpose."}
+    return {**report, "backend": "triton"}
+
+
+def router_topk_backend_report(env: KernelEnv, requested: str | None = None, *, interpreted: bool = False) -> dict:
+    """Decide how the router's top-k indices are found: ``backend`` ("triton": our row top-k kernel;
+    "torch": ``torch.topk``) and ``error``. Automatic: "torch" on CPU, "triton" on CUDA (which then needs
+    Triton). "triton" on CPU tensors only under Triton's interpreter (``interpreted``, tests)."""
+    _check_requested(requested, ROUTER_TOPK_BACKENDS, "router_topk")
+    report = {"op": "router_topk", "requested": requested, **_versions(env), "backend": None, "error": None}
+    if requested in AUTO:
+        requested = "triton" if env.device == "cuda" else "torch"
+    if requested == "torch":
+        return {**report, "backend": "torch"}
+    if env.device != "cuda" and not (interpreted and env.device == "cpu"):
+        return {**report, "error": f"router_topk: backend='triton' needs CUDA tensors (or CPU ones under "
+                                   f"TRITON_INTERPRET=1), got {env.device}; use 'torch'"}
+    if env.device == "cuda" and env.triton is None:
+        return {**report, "error": f"router_topk: CUDA tensors but Triton is not installed; {GPU_EXTRA_HINT}, "
                                    "or pass backend='torch' on purpose."}
     return {**report, "backend": "triton"}
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,3 +66,21 @@ def make_gdn_inputs():
 @pytest.fixture(name="rel")
 def rel_fixture():
     return rel
+
+
+def _run_interpreted(code: str) -> dict:
+    """Run ``code`` in a fresh Python with TRITON_INTERPRET=1 set before Triton is imported (Triton builds
+    its own helpers, tl.zeros/sigmoid/sum, for the interpreter only when the mode is set at import: the
+    test processes that preload torch and megatron-core have already imported it); returns the JSON object
+    its last output line prints."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def run_interpreted():
+    """:func:`_run_interpreted`: our Triton kernels on CPU under Triton's interpreter, in a fresh process."""
+    return _run_interpreted

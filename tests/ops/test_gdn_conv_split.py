@@ -8,10 +8,6 @@ the same inputs, fp32 rounding (about 1e-7 relative) is the only difference.
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -85,20 +81,8 @@ print(json.dumps({{case: check_kernel_against_reference("cpu", case, torch.float
 """
 
 
-def run_interpreted(code: str) -> dict:
-    """Run ``code`` in a fresh Python with TRITON_INTERPRET=1 set before Triton is imported (Triton builds
-    its own helpers, tl.zeros/sigmoid/sum, for the interpreter only when the mode is set at import: the
-    test processes that preload torch and megatron-core have already imported it); returns the JSON object
-    its last output line prints."""
-    pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
-def interpreted_errors():
+def interpreted_errors(run_interpreted):
     """Every case run once under Triton's interpreter."""
     return run_interpreted(_INTERPRETED.format(tests=str(Path(__file__).parent)))
 
@@ -138,7 +122,7 @@ print(json.dumps({{"loss": abs(loss_t - loss_r) / abs(loss_r), "conv_grads": sum
 """
 
 
-def test_model_with_the_fused_conv_under_the_interpreter_matches_the_unfused_ops():
+def test_model_with_the_fused_conv_under_the_interpreter_matches_the_unfused_ops(run_interpreted):
     """The tiny model (GDN, attention, MoE, MTP) with the mixer's conv backend "triton" (the fused kernels,
     Triton's interpreter) against "torch" (the unfused ops), same weights: the loss and every gradient."""
     result = run_interpreted(_INTERPRETED_MODEL.format())
