@@ -526,6 +526,16 @@ def moe_block(shape: Shape, device: torch.device, models: _Models) -> Case:
     ours = models.moe
     cands = [_ours_candidate("ours (grouped GEMM experts)", ours, xs, ours_call,
                              {"shared_down": ours.shared_experts.linear_fc2.weight})]
+
+    def padded_call(m, x):  # the padded experts layout: batched GEMMs (layers/moe.py)
+        m.token_dispatcher.experts_layout = "padded"
+        try:
+            return m(x)[0]
+        finally:
+            m.token_dispatcher.experts_layout = "grouped"
+
+    cands.append(_ours_candidate("ours (padded layout, batched GEMMs)", ours, xs, padded_call,
+                                 {"shared_down": ours.shared_experts.linear_fc2.weight}))
     unavailable = {}
     autotuned = _autotuned_experts_candidate(ours, xs, device)
     if isinstance(autotuned, str):

@@ -22,6 +22,17 @@ compiled kernel on CUDA (:func:`add_into_main_grad`): DDP's hook would add the b
 mixed-dtype ``add_``, which CUDA runs unvectorised (on an H200, 201 M values: 0.71 ms against 0.47 ms
 compiled, 2.8 vs 4.3 TB/s; 4 proxy layers: 1 ms per step). The step's first gradient of a weight is
 copied instead (DDP zeroed the buffer; nothing else writes these main grads), reading no fp32 values.
+
+Padded layout (``padded_capacity`` C, set per forward by ``layers.moe.Qwen3NextMoELayer`` when its
+dispatcher's ``experts_layout`` is "padded"): the rows arrive as ``[E * C, H]``, expert e's at
+``e*C .. e*C + count - 1``, zeros after, and every GEMM is a batched GEMM (``torch.bmm``, cuBLAS) over
+``[E, C, *]``. Why: torch's grouped GEMM runs at about half the dense rate for Qwen3-Next's ~320-row groups
+(H200, 16k tokens x top-10 of 512 experts: the six GEMMs 8.4 ms, 366 TFLOP/s), cuBLAS's batched GEMM
+on the same rows padded to the largest count 6.0 ms (511 TFLOP/s of real work;
+``benchmarks/grouped_gemm_shapes.py``). The padding rows cost GEMM work and memory in proportion to
+E * C / rows, so the layout pays while the routing is near balanced. Zero rows give zero activations, so
+they add nothing to the weight gradients; under DDP (``wgrad_into_main_grad``) the weight gradient is
+accumulated into the fp32 main grad by the GEMM itself on CUDA (``baddbmm`` with an fp32 output).
 """
 
 from __future__ import annotations
@@ -131,6 +142,38 @@ class _ExpertsGemm(torch.autograd.Function):
         return grad_x, grad_w, None, None, None
 
 
+class _ExpertsBmm(torch.autograd.Function):
+    """x [E, C, in] (each expert's rows, padded), weight [E, out, in] -> [E, C, out] = ``x[e] @ weight[e].T``
+    (``torch.bmm``). With ``into_main_grad`` the backward puts the weight gradient into ``weight.main_grad``
+    and marks it added for DDP's hook: on CUDA (bf16/fp16) inside the GEMM (``baddbmm`` with an fp32
+    output: fp32 sums, no bf16 rounding, no separate pass; the step's first gradient overwrites, later
+    ones add), elsewhere a ``bmm`` then :func:`add_into_main_grad`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, into_main_grad):
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.into_main_grad = weight, into_main_grad
+        return torch.bmm(x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        if not ctx.into_main_grad:
+            return grad_x, torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None, None
+        from ..training.wgrad_fusion import main_grad_placeholder
+
+        first = getattr(weight, "grad_added_to_main_grad", None) is False  # (see _ExpertsGemm)
+        main = weight.main_grad
+        if grad.is_cuda and grad.dtype in (torch.bfloat16, torch.float16):
+            torch.baddbmm(main, grad.transpose(1, 2), x, beta=0 if first else 1, out_dtype=torch.float32, out=main)
+        else:
+            add_into_main_grad(main, torch.bmm(grad.transpose(1, 2), x), first=first)
+        weight.grad_added_to_main_grad = True
+        return grad_x, main_grad_placeholder(weight), None
+
+
 class GroupedGemmExperts(MegatronModule):
     """forward(x [T, H] grouped by expert, tokens_per_expert [E_local], probs [T]) -> ([T, H], None).
 
@@ -141,6 +184,7 @@ class GroupedGemmExperts(MegatronModule):
     activation_backend: str | None = None
     gemm_backend: str | None = None  # grouped_gemm's backend: None/"torch", or "autotune" (opt-in)
     wgrad_into_main_grad: bool = False  # see the module docstring
+    padded_capacity: int | None = None  # the padded layout's rows per expert, for this forward (see above)
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None, **_):
         super().__init__(config=config)
@@ -172,8 +216,16 @@ class GroupedGemmExperts(MegatronModule):
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permuted_probs: torch.Tensor):
         x = permuted_local_hidden_states
-        offs = torch.cumsum(tokens_per_expert.to(device=x.device), 0).to(torch.int32)
-        h = self._gemm(x, self.weight1, offs)  # [T, 2F]
+        E, C = self.num_local_experts, self.padded_capacity
+        if C is not None:
+            if x.shape[0] != E * C:
+                raise ValueError(f"GroupedGemmExperts: the padded layout has {E} experts x {C} rows, got "
+                                 f"{x.shape[0]} rows")
+            offs = None
+            h = self._bmm(x.view(E, C, -1), self.weight1).view(E * C, -1)  # [E*C, 2F]
+        else:
+            offs = torch.cumsum(tokens_per_expert.to(device=x.device), 0).to(torch.int32)
+            h = self._gemm(x, self.weight1, offs)  # [T, 2F]
         if compiled_op_backend("moe_weighted_swiglu", env_for(x), self.activation_backend) == "compile":
             from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 
@@ -182,8 +234,16 @@ class GroupedGemmExperts(MegatronModule):
             gate, up = h.chunk(2, dim=-1)
             act = F.silu(gate) * up
             act = (act.float() * permuted_probs.unsqueeze(-1).float()).to(act.dtype)
+        if C is not None:
+            return self._bmm(act.view(E, C, -1), self.weight2).view(E * C, -1), None
         out = self._gemm(act, self.weight2, offs)  # [T, H]
         return out, None
+
+    def _bmm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [E, C, in] -> [E, C, out]: the padded layout's batched GEMM."""
+        if (torch.is_grad_enabled() and self.wgrad_into_main_grad and weight.requires_grad):
+            return _ExpertsBmm.apply(x, weight, True)
+        return torch.bmm(x, weight.transpose(1, 2))
 
     def _gemm(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         backend = self.gemm_backend

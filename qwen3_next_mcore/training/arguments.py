@@ -39,6 +39,7 @@ class TrainConfig(BaseModel):
     model_config_path: Path | None = None  # --model-config: a HF config.json (or its folder)
     hf_dir: Path | None = None  # initial weights (and the model config when no other is given)
     experts: Literal["sequential", "grouped"] = "grouped"
+    experts_layout: Literal["grouped", "padded"] = "grouped"  # layers/moe.py: grouped or batched expert GEMMs
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     # data
     tokenizer: Path | None = None
@@ -156,6 +157,10 @@ class TrainConfig(BaseModel):
         if self.cpu_offloading and self.recompute_granularity is not None:
             raise ValueError("--cpu-offloading and --recompute-granularity are mutually exclusive (Megatron-LM's "
                              "rule: recomputed layers save nothing to offload)")
+        if self.experts_layout == "padded" and (self.experts != "grouped" or self.expert_model_parallel_size > 1
+                                                 or self.expert_tensor_parallel_size > 1):
+            raise bad("experts_layout", "'padded' needs --experts grouped, --expert-model-parallel-size 1 and "
+                      "--expert-tensor-parallel-size 1")
         if self.optimizer_offload_fraction > 1:
             raise bad("optimizer_offload_fraction", "must be in [0, 1]")
         if self.optimizer_cpu_offload and not self.use_distributed_optimizer:
@@ -202,6 +207,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add(g, "hf_dir", metavar="DIR", help="initial weights from this HF checkpoint (its config.json is the "
         "model when neither --preset nor --model-config is given)")
     add(g, "experts", choices=["sequential", "grouped"], help="routed-expert implementation (default grouped)")
+    add(g, "experts_layout", choices=["grouped", "padded"],
+        help="rows handed to the grouped experts: 'grouped' (default; grouped GEMMs, no host read) or 'padded' "
+             "(each expert's rows padded to the largest count, batched GEMMs: faster for small near-balanced "
+             "groups; one host read per MoE layer; one expert-parallel and expert-tensor-parallel rank)")
     add(g, "transformer_impl", choices=["local", "transformer_engine"], help="layer backend (default local)")
     g = p.add_argument_group("data")
     add(g, "tokenizer", metavar="DIR", help="HF tokenizer folder (default: the bundled Qwen3 tokenizer)")

@@ -85,6 +85,10 @@ def _build(cfg: TrainConfig, hf_weights=None, model_config=None):
     backend = "te" if cfg.transformer_impl == "transformer_engine" else "local"
     model = build_model(model_cfg, dtype=_dtype(cfg), backend=backend, sequence_parallel=cfg.sequence_parallel,
                         experts=cfg.experts, **_transformer_overrides(cfg, model_cfg))
+    if cfg.experts_layout != "grouped":
+        from ..layers.moe import set_experts_layout
+
+        set_experts_layout(model, cfg.experts_layout)
     if cfg.cpu_offloading:
         from ..layers.activation_offload import enable_activation_offload
 

@@ -24,7 +24,8 @@ def test_small_run_checks_and_times_every_available_candidate(tmp_path):
     expected = {"gdn-kernel": {"ours (dispatched)", "torch chunked"}, "gdn-conv": {"torch conv, unfused split"},
                 "gdn-layer": {"ours", "ours (q/k repeated)", "ours (gating in kernel)", "transformers"},
                 "attention-layer": {"ours", "transformers (sdpa)"},
-                "moe-block": {"ours (grouped GEMM experts)", "transformers (eager experts)"}}
+                "moe-block": {"ours (grouped GEMM experts)", "ours (padded layout, batched GEMMs)",
+                              "transformers (eager experts)"}}
     for name, cands in expected.items():
         res = report["cases"][name]
         assert "error" not in res, res

@@ -53,6 +53,58 @@ def test_same_outputs_and_gradients_as_megatron_moe_layer():
         torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-6, atol=1e-6, msg=n)
 
 
+def _layouts(rank):
+    """The tiny model's MoE layer in the grouped and the padded experts layout, same input: outputs, input
+    gradients and parameter gradients (fp32, CPU), the capacity it used and the errors it raises."""
+    from qwen3_next_mcore import parallel
+    from qwen3_next_mcore.config import get_preset
+    from qwen3_next_mcore.layers.moe import set_experts_layout
+    from qwen3_next_mcore.model import build_model
+
+    parallel.initialize(seed=5)
+    cfg = get_preset("tiny", vocab_size=128, router_aux_loss_coef=0.01)
+    model = build_model(cfg)
+    layer = model.decoder.layers[1].mlp
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(13, 3, cfg.hidden_size, generator=g)
+    dy = torch.randn(13, 3, cfg.hidden_size, generator=g)
+    results, capacities = [], []
+    seen = layer.experts.forward
+
+    def spy(x, *args, **kwargs):  # the capacity the experts see during this forward
+        capacities.append(layer.experts.padded_capacity)
+        return seen(x, *args, **kwargs)
+
+    layer.experts.forward = spy
+    for layout in ("grouped", "padded"):
+        set_experts_layout(model, layout)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = layer(xi)[0]
+        (y * dy).sum().backward()
+        results.append((y.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    counts = layer.router(x.view(-1, cfg.hidden_size))[1].sum(0)
+    errors = []
+    for bad in (lambda: set_experts_layout(model, "ragged"),):
+        try:
+            bad()
+        except ValueError as e:
+            errors.append(str(e))
+    parallel.destroy()
+    return results, capacities, int(counts.max()), layer.experts.padded_capacity, errors
+
+
+def test_padded_experts_layout_gives_the_grouped_layout_numbers():
+    (grouped, padded), capacities, largest, after, errors = run_distributed(_layouts, 1)[0]
+    assert capacities == [None, -(-largest // 16) * 16] and after is None  # set for the forward only
+    torch.testing.assert_close(padded[0], grouped[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(padded[1], grouped[1], rtol=1e-6, atol=1e-6)
+    assert padded[2].keys() == grouped[2].keys()
+    for n in grouped[2]:
+        torch.testing.assert_close(padded[2][n], grouped[2][n], rtol=1e-6, atol=1e-6, msg=n)
+    assert "expected one of ('grouped', 'padded')" in errors[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_router_gemm_matches_the_fp32_gemm():

@@ -56,6 +56,44 @@ def test_bf16_combine_rounds_once():
     assert err(ours) <= err(ref), (err(ours), err(ref))
 
 
+@pytest.mark.parametrize("T,E,k,capacity", [(37, 16, 3, 16), (64, 8, 1, 32), (5, 4, 4, 5), (9, 6, 2, 7)])
+def test_padded_layout_holds_the_grouped_rows_and_zeros(T, E, k, capacity):
+    """Expert e's rows at ``e * capacity`` onwards, in the grouped layout's order, zeros after; the same
+    combine and gradients as the grouped layout (fp64, exact)."""
+    routing_map, probs = _routing(T, E, k, seed=T + capacity)
+    counts = routing_map.sum(0)
+    capacity = max(capacity, int(counts.max()))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(T, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(T, 6, generator=g, dtype=torch.float64)
+    rows, row_probs, perm = permute_tokens(x, routing_map, probs, k)
+    prows, pprobs, pperm = permute_tokens(x, routing_map, probs, k, capacity=capacity, tokens_per_expert=counts)
+    assert prows.shape == (E * capacity, 6) and pprobs.shape == (E * capacity,) and pperm.capacity == capacity
+    start = 0
+    for e in range(E):
+        n = int(counts[e])
+        assert torch.equal(prows[e * capacity:e * capacity + n], rows[start:start + n])
+        assert torch.equal(pprobs[e * capacity:e * capacity + n], row_probs[start:start + n])
+        assert not prows[e * capacity + n:(e + 1) * capacity].any() and not pprobs[e * capacity + n:(e + 1) * capacity].any()
+        start += n
+    w = torch.randn(T * k, 6, generator=g, dtype=torch.float64)  # stands in for the experts, row by row
+    pw = torch.zeros(E * capacity, 6, dtype=torch.float64).index_copy(0, pperm.slot_rows.reshape(-1),
+                                                                      w[perm.slot_rows.reshape(-1)])
+    y = unpermute_tokens(rows * w, perm)
+    py = unpermute_tokens(prows * pw, pperm)
+    assert torch.equal(py, y)
+    (dx,) = torch.autograd.grad((y * dy).sum(), x)
+    (pdx,) = torch.autograd.grad((py * dy).sum(), x)
+    assert torch.equal(pdx, dx)
+    # the combine's backward gives the padding rows zeros (the experts' backward reads them)
+    r = prows.detach().requires_grad_()
+    (drows,) = torch.autograd.grad((unpermute_tokens(r, pperm) * dy).sum(), r)
+    real = torch.zeros(E * capacity, dtype=torch.bool).index_fill_(0, pperm.slot_rows.reshape(-1), True)
+    assert not drows[~real].any() and torch.equal(drows[pperm.slot_rows.reshape(-1)], dy.repeat_interleave(k, 0))
+    with pytest.raises(ValueError, match="tokens_per_expert"):
+        permute_tokens(x, routing_map, probs, k, capacity=capacity)
+
+
 def test_bad_routing_map():
     with pytest.raises(ValueError, match="bool tensor"):
         sort_by_expert(torch.zeros(4, 3), 1)

@@ -63,6 +63,8 @@ def test_frozen_and_no_extra_fields():
     (["--fp8-format", "hybrid"], r"--fp8-format='hybrid': FP8 GEMMs run inside a bf16/fp16 model"),
     (["--fp8-format", "hybrid", "--bf16"], r"--fp8-format='hybrid': FP8 needs Transformer Engine"),
     (["--cpu-offloading", "--recompute-granularity", "selective"], "mutually exclusive"),
+    (["--experts-layout", "padded", "--expert-model-parallel-size", "2"], r"--experts-layout='padded': 'padded' needs"),
+    (["--experts-layout", "padded", "--experts", "sequential"], r"--experts-layout='padded'"),
 ])
 def test_bad_options_name_the_option(argv, message):
     with pytest.raises(ValueError, match=message):

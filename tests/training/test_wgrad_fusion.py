@@ -25,17 +25,19 @@ from qwen3_next_mcore.training.wgrad_fusion import (
 _gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _model_and_grads(rank, mtp_layers: int = 0):
+def _model_and_grads(rank, mtp_layers: int = 0, layout: str = "grouped"):
     """Build the tiny model under DDP (CPU or CUDA as available) and run forward/backward over two
     micro-batches twice: as built, then with every fusion undone. Returns (the names of the modules fused
     as built, {name: main_grad} as built, the same undone, {name: grad left} as built, {name: whether
-    its backward marked the main grad as already added} as built)."""
+    its backward marked the main grad as already added} as built). ``layout``: the MoE layers' experts
+    layout ("grouped" or "padded", layers/moe.py)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
     from qwen3_next_mcore import parallel
     from qwen3_next_mcore.bench.train_step import _batch, _initial_hf_state
     from qwen3_next_mcore.config import get_preset
     from qwen3_next_mcore.layers.grouped_experts import GroupedGemmExperts
+    from qwen3_next_mcore.layers.moe import set_experts_layout
     from qwen3_next_mcore.training.arguments import make_config
     from qwen3_next_mcore.training.loop import _build
     from qwen3_next_mcore.training.step import forward_backward
@@ -49,6 +51,7 @@ def _model_and_grads(rank, mtp_layers: int = 0):
     # (transformers' model has no MTP weights: megatron-core's initialisation then)
     hf = None if mtp_layers else _initial_hf_state(config, torch.device("cpu"))
     _, ddp, _, _ = _build(cfg, hf_weights=hf, model_config=config)
+    assert set_experts_layout(ddp.module, layout) == 4 + mtp_layers
     linears = {n: m for n, m in ddp.module.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))}
     on = sorted(n for n, m in linears.items() if m.gradient_accumulation_fusion)
     embeddings = {n: m for n, m in ddp.module.named_modules() if isinstance(m, VocabParallelEmbedding)}
@@ -90,12 +93,14 @@ def test_embedding_rows_into_main_grad_sums_repeated_ids():
     assert torch.equal(main[1], want[1].float())  # rows not looked up are untouched
 
 
-@pytest.mark.parametrize("mtp_layers", [0, 1], ids=["no-mtp", "mtp"])  # MTP looks the embedding up again
-def test_cpu_fuses_the_embedding_and_experts_and_matches_the_plain_path(mtp_layers):
+# MTP looks the embedding up again; the padded experts layout runs the batched-GEMM autograd function
+@pytest.mark.parametrize("mtp_layers,layout", [(0, "grouped"), (1, "grouped"), (1, "padded")],
+                         ids=["no-mtp", "mtp", "mtp-padded-experts"])
+def test_cpu_fuses_the_embedding_and_experts_and_matches_the_plain_path(mtp_layers, layout):
     assert "needs CUDA" in fused_wgrad_unavailable(torch.device("cpu"))
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the linears are fused too (see the GPU test)")
-    on, as_built, plain, left, marked = run_distributed(_model_and_grads, 1, args=(mtp_layers,))[0]
+    on, as_built, plain, left, marked = run_distributed(_model_and_grads, 1, args=(mtp_layers, layout))[0]
     experts = sorted(n for n in on if n.endswith(".mlp.experts"))
     assert len(experts) == 4 + mtp_layers, on  # the tiny model's four MoE layers and MTP's
     assert on == ["embedding.word_embeddings", *experts]
@@ -127,8 +132,9 @@ def test_fused_gemm_accumulates_in_fp32():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_main_grads_match_the_plain_path_under_ddp():
-    on, fused, plain, left, marked = run_distributed(_model_and_grads, 1)[0]
+@pytest.mark.parametrize("layout", ["grouped", "padded"])
+def test_main_grads_match_the_plain_path_under_ddp(layout):
+    on, fused, plain, left, marked = run_distributed(_model_and_grads, 1, args=(0, layout))[0]
     assert sorted({n.rsplit(".", 1)[0] for n, m in marked.items() if m}) == sorted(on)  # (experts: two weights)
     assert len(on) >= 5 and "output_layer" in on  # the GDN and attention projections, the output layer
     assert "embedding.word_embeddings" in on and sum(n.endswith(".mlp.experts") for n in on) == 4
@@ -184,3 +190,31 @@ def test_experts_gemm_backward_into_main_grad_copies_then_adds(rows):
         assert float((weight.main_grad.double() - expected).abs().max()) < 1e-5
     if rows[1] == 0:
         assert torch.equal(weight.main_grad[1], torch.zeros(16, 8))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_gpu)])
+def test_experts_bmm_backward_into_main_grad_copies_then_adds(device):
+    """The padded layout's batched-GEMM autograd function alone: its weight gradient against float64
+    per-expert products (CUDA: accumulated by the GEMM in fp32, from bf16 operands), copied into the main
+    grad on the step's first backward (DDP's flag False) and added on the next; its input gradient
+    against torch's bmm; the padding rows (zeros) add nothing."""
+    from qwen3_next_mcore.layers.grouped_experts import _ExpertsBmm
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    E, C, n_in, n_out = 3, 40, 64, 48
+    weight = torch.nn.Parameter(torch.randn(E, n_out, n_in, generator=g).to(device, dtype))
+    weight.main_grad = torch.full((E, n_out, n_in), 7.0, device=device)  # stale: the first backward overwrites
+    weight.grad_added_to_main_grad = False
+    x = torch.randn(E, C, n_in, generator=g)
+    x[:, 33:] = 0  # padding rows
+    x = x.to(device, dtype).requires_grad_()
+    dy = torch.randn(E, C, n_out, generator=g).to(device, dtype)
+    want = torch.einsum("eco,eci->eoi", dy.double(), x.double())
+    for expected in (want, 2 * want):  # first backward: a copy; the second: an add
+        x.grad = None
+        _ExpertsBmm.apply(x, weight, True).backward(dy)
+        assert weight.grad_added_to_main_grad
+        err = float((weight.main_grad.double() - expected).abs().max() / expected.abs().max())
+        assert err < (1e-5 if device == "cpu" else 2e-5), err  # CUDA: fp32 sums of exact bf16 products
+        assert torch.equal(x.grad, torch.bmm(dy, weight.detach()))
