@@ -6,7 +6,8 @@ Times forward and forward+backward (median of 10 after 3 warm-up) of: the routed
 for 16k tokens x top-10 of 512 experts with balanced routing; the token permutation gather and the
 ways to combine the copies back (bf16 scatter_add, fp32 index_add, gather + sum over k); the
 zero-centred RMSNorm eager vs torch.compile vs fla's rms_norm; the router GEMM in fp32 vs bf16; the
-router's top-k (torch.topk vs our row top-k kernel, ops/router_topk.py); causal GQA SDPA per backend. Results of an H100 run: benchmarks/results/h100-2026-11-28/op_probes.txt. These
+router's top-k (torch.topk vs our row top-k kernel, ops/router_topk.py); the experts' weighted SwiGLU per
+backend (ops/moe_swiglu.py); causal GQA SDPA per backend. Results of an H100 run: benchmarks/results/h100-2026-11-28/op_probes.txt. These
 numbers explain design choices in qwen3_next_mcore/ops/token_permutation.py, layers/moe.py and
 ops/norms.py; the layer benchmarks (``python -m benchmarks.run``) are the measure of the layers.
 """
@@ -101,6 +102,15 @@ def router_topk():
             print(f"router top-{K} of [{n}, {e}] fp32, {name:28s} {t.median_ms:7.3f} ms", flush=True)
 
 
+def moe_swiglu():
+    from qwen3_next_mcore.ops.moe_swiglu import weighted_swiglu
+
+    h, p = randn(T * K, 2 * FFN), torch.rand(T * K, device=DEV, requires_grad=True)
+    for backend in ("triton", "compile", "torch"):
+        rep(f"experts' weighted SwiGLU [{T * K}, {2 * FFN}] bf16, {backend}",
+            lambda: weighted_swiglu(h, p, backend=backend), h, p)  # noqa: B023
+
+
 def sdpa():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -119,7 +129,7 @@ if __name__ == "__main__":
         raise SystemExit("benchmarks.op_probes times CUDA kernels: run it on a machine with a CUDA GPU")
     import sys
 
-    probes = {p.__name__: p for p in (grouped_gemms, permutation, norms, router, router_topk, sdpa)}
+    probes = {p.__name__: p for p in (grouped_gemms, permutation, norms, router, router_topk, moe_swiglu, sdpa)}
     for name in sys.argv[1:] or probes:
         if name not in probes:
             raise SystemExit(f"unknown probe {name!r}; one of {', '.join(probes)}")

@@ -7,10 +7,11 @@ checkpoint keys (per expert, as ``SequentialMLP`` writes them), but one grouped 
 instead of a Python loop over experts, and no Transformer Engine. This is the expert computation of the
 ``local`` backend on CPU and GPU.
 
-The SwiGLU and the routing-probability scaling run as megatron-core's fused ``weighted_bias_swiglu_impl``
-on CUDA (``torch.compile``: one kernel forward and one backward over the [rows, 2F] projection, and only
-that projection saved for the backward) and as plain torch ops on CPU (``activation_backend`` overrides;
-the choice is logged like every op backend, :func:`~qwen3_next_mcore.ops.backends.compiled_op_backend`).
+The SwiGLU and the routing-probability scaling run as :func:`~qwen3_next_mcore.ops.moe_swiglu.weighted_swiglu`:
+on CUDA our Triton kernels (one pass forward, one backward for both gradients; only the [rows, 2F]
+projection saved for the backward), on CPU plain torch ops (``activation_backend`` overrides, e.g.
+"compile" for megatron-core's fused ``weighted_bias_swiglu_impl``; the choice is logged like every op
+backend).
 
 Parameters (this rank): ``weight1`` [E_local, 2F/etp, H] (each expert's ``linear_fc1.weight``, [gate; up]
 rows) and ``weight2`` [E_local, H, F/etp] (``linear_fc2.weight``).
@@ -46,6 +47,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch import nn
 
 from ..ops.backends import code_copy, compiled, compiled_op_backend, env_for, grouped_gemm_backend
+from ..ops.moe_swiglu import weighted_swiglu
 
 _EXTRA = "local_experts.{e}.{lin}._extra_state"
 
@@ -177,8 +179,8 @@ class _ExpertsBmm(torch.autograd.Function):
 class GroupedGemmExperts(MegatronModule):
     """forward(x [T, H] grouped by expert, tokens_per_expert [E_local], probs [T]) -> ([T, H], None).
 
-    ``activation_backend``: None (automatic: "compile" on CUDA, "torch" on CPU), "compile" (megatron-core's
-    fused SwiGLU) or "torch". ``gemm_backend``: :func:`grouped_gemm`'s (None: torch's kernel; "autotune":
+    ``activation_backend``: :func:`~qwen3_next_mcore.ops.moe_swiglu.weighted_swiglu`'s (None: automatic,
+    our Triton kernels on CUDA, eager torch on CPU; "compile": megatron-core's fused SwiGLU; "torch"). ``gemm_backend``: :func:`grouped_gemm`'s (None: torch's kernel; "autotune":
     Inductor's autotuned choice, opt-in, CUDA sm90+)."""
 
     activation_backend: str | None = None
@@ -226,14 +228,7 @@ class GroupedGemmExperts(MegatronModule):
         else:
             offs = torch.cumsum(tokens_per_expert.to(device=x.device), 0).to(torch.int32)
             h = self._gemm(x, self.weight1, offs)  # [T, 2F]
-        if compiled_op_backend("moe_weighted_swiglu", env_for(x), self.activation_backend) == "compile":
-            from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
-
-            act = weighted_bias_swiglu_impl(h, None, permuted_probs.unsqueeze(-1).float())
-        else:
-            gate, up = h.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-            act = (act.float() * permuted_probs.unsqueeze(-1).float()).to(act.dtype)
+        act = weighted_swiglu(h, permuted_probs, backend=self.activation_backend)  # [rows, F]
         if C is not None:
             return self._bmm(act.view(E, C, -1), self.weight2).view(E * C, -1), None
         out = self._gemm(act, self.weight2, offs)  # [T, H]

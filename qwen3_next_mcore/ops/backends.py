@@ -38,6 +38,7 @@ NORM_BACKENDS = ("torch", "fla")
 COMPILED_OP_BACKENDS = ("torch", "compile")
 GROUPED_GEMM_BACKENDS = ("torch", "autotune")  # torch's grouped GEMM, or Inductor's autotuned choice
 ROUTER_TOPK_BACKENDS = ("torch", "triton")  # torch.topk, or our row top-k kernel
+MOE_SWIGLU_BACKENDS = ("torch", "compile", "triton")  # eager, megatron-core's compiled fusion, our kernels
 
 # Triton range with the Hopper miscompile of fla's gated backward (fixed in Triton 3.7.1)
 TRITON_BAD_MIN, TRITON_FIXED = Version("3.4.0"), Version("3.7.1")
@@ -291,6 +292,32 @@ def router_topk_backend_report(env: KernelEnv, requested: str | None = None, *, 
         return {**report, "error": f"router_topk: CUDA tensors but Triton is not installed; {GPU_EXTRA_HINT}, "
                                    "or pass backend='torch' on purpose."}
     return {**report, "backend": "triton"}
+
+
+def moe_swiglu_backend_report(env: KernelEnv, requested: str | None = None, *, interpreted: bool = False) -> dict:
+    """Decide the routed experts' weighted SwiGLU backend (``ops/moe_swiglu.py``): ``backend`` ("torch",
+    "compile": megatron-core's compiled fusion, "triton": our kernels) and ``error``. Automatic: "torch" on
+    CPU, "triton" on CUDA (which then needs Triton). "triton" on CPU tensors only under Triton's
+    interpreter (``interpreted``, tests); "compile" anywhere (Inductor's C++ kernels on CPU)."""
+    _check_requested(requested, MOE_SWIGLU_BACKENDS, "moe_weighted_swiglu")
+    report = {"op": "moe_weighted_swiglu", "requested": requested, **_versions(env), "backend": None, "error": None}
+    if requested in AUTO:
+        requested = "triton" if env.device == "cuda" else "torch"
+    if requested != "triton":
+        return {**report, "backend": requested}
+    if env.device != "cuda" and not (interpreted and env.device == "cpu"):
+        return {**report, "error": f"moe_weighted_swiglu: backend='triton' needs CUDA tensors (or CPU ones under "
+                                   f"TRITON_INTERPRET=1), got {env.device}; use 'torch' or 'compile'"}
+    if env.device == "cuda" and env.triton is None:
+        return {**report, "error": f"moe_weighted_swiglu: CUDA tensors but Triton is not installed; "
+                                   f"{GPU_EXTRA_HINT}, or pass backend='compile' on purpose."}
+    return {**report, "backend": "triton"}
+
+
+@cache
+def moe_swiglu_backend(env: KernelEnv, requested: str | None = None) -> str:
+    """:func:`moe_swiglu_backend_report` resolved (raises its error, logs the choice once), cached."""
+    return resolve(moe_swiglu_backend_report(env, requested))
 
 
 def norm_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
