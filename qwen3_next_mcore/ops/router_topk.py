@@ -21,20 +21,26 @@ import os
 
 import torch
 
-from .backends import env_for, resolve, router_topk_backend_report
+from .backends import AUTO, env_for, resolve, router_topk_backend_report
 
 ROWS_PER_PROGRAM = 4
+# below this many experts the automatic choice keeps torch.topk: on an H200, 8192 tokens x 64 experts
+# top-10 took 0.048 ms with torch.topk against 0.076 ms with the kernel (16k x 512: 0.447 vs 0.133 ms)
+TRITON_MIN_EXPERTS = 128
 
 
 def row_topk_indices(scores: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
     """scores [N, E] (fp32/bf16/fp16) -> int64 [N, k]: each row's k largest columns, largest first (ties:
-    lower column first). backend None/"auto": "triton" on CUDA, "torch" (``torch.topk``) on CPU."""
+    lower column first). backend None/"auto": "triton" on CUDA from :data:`TRITON_MIN_EXPERTS` experts on,
+    "torch" (``torch.topk``) otherwise and on CPU."""
     if scores.dim() != 2:
         raise ValueError(f"row_topk_indices: scores must be [tokens, experts], got {tuple(scores.shape)}")
     N, E = scores.shape
     if not 0 < k <= E:
         raise ValueError(f"row_topk_indices: k={k} must be in 1..{E} (the number of experts)")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend in AUTO and E < TRITON_MIN_EXPERTS:
+        backend = "torch"
     if resolve(router_topk_backend_report(env_for(scores), backend, interpreted=interpreted)) == "torch":
         return torch.topk(scores, k, dim=1).indices
     from ._router_topk_kernels import row_topk_kernel

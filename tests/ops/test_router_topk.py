@@ -65,6 +65,21 @@ def test_reference_orders_ties_by_column_and_matches_torch_topk_without_ties():
     assert torch.equal(row_topk_indices(y, 10), torch.topk(y, 10, dim=1).indices)  # CPU: torch.topk
 
 
+def test_few_experts_keep_torch_topk_by_default(monkeypatch):
+    """Below TRITON_MIN_EXPERTS the automatic choice is torch.topk (faster there on an H200), even where the
+    kernel would run; asked for, the kernel runs."""
+    from qwen3_next_mcore.ops import router_topk
+
+    asked = []
+    monkeypatch.setattr(router_topk, "router_topk_backend_report",
+                        lambda env, backend, interpreted: asked.append(backend) or {"error": None, "op": "router_topk",
+                                                                                    "backend": "torch", "device": "cpu"})
+    router_topk.row_topk_indices(torch.randn(4, router_topk.TRITON_MIN_EXPERTS - 1), 2)
+    router_topk.row_topk_indices(torch.randn(4, router_topk.TRITON_MIN_EXPERTS), 2)
+    router_topk.row_topk_indices(torch.randn(4, 64), 2, backend="triton")
+    assert asked == ["torch", None, "triton"]
+
+
 def test_backend_rule_and_errors():
     cpu, gpu = KernelEnv(device="cpu"), KernelEnv(device="cuda", capability=(9, 0), triton="3.6.0")
     assert router_topk_backend_report(cpu)["backend"] == "torch"
@@ -89,6 +104,6 @@ def test_kernel_on_cuda_equals_the_stable_sort():
     for n, e, k, dtype in ((16384, 512, 10, torch.float32), (8192, 64, 10, torch.float32),
                            (1000, 512, 10, torch.bfloat16), (3, 160, 8, torch.float32)):
         x = torch.randn(n, e, device="cuda", generator=gen).to(dtype)
-        assert torch.equal(row_topk_indices(x, k), row_topk_reference(x, k)), (n, e, k, dtype)
+        assert torch.equal(row_topk_indices(x, k, backend="triton"), row_topk_reference(x, k)), (n, e, k, dtype)
     ties = torch.randint(-2, 2, (4096, 512), device="cuda", generator=gen).float()
-    assert torch.equal(row_topk_indices(ties, 10), row_topk_reference(ties, 10))
+    assert torch.equal(row_topk_indices(ties, 10), row_topk_reference(ties, 10))  # (512 experts: the kernel)
