@@ -253,6 +253,19 @@ def conv_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
     return {**report, "backend": requested}
 
 
+def _triton_kernel_error(op: str, env: KernelEnv, interpreted: bool, *, use: str = "'torch'",
+                         instead: str = "'torch'") -> str | None:
+    """Why our Triton kernels of ``op`` cannot run on ``env``'s tensors, or None: they need CUDA tensors
+    (CPU ones only under Triton's interpreter, ``interpreted``) and, on CUDA, Triton. ``use``: the
+    backends to suggest on another device; ``instead``: the one to pass on purpose without Triton."""
+    if env.device != "cuda" and not (interpreted and env.device == "cpu"):
+        return (f"{op}: backend='triton' needs CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got "
+                f"{env.device}; use {use}")
+    if env.device == "cuda" and env.triton is None:
+        return f"{op}: CUDA tensors but Triton is not installed; {GPU_EXTRA_HINT}, or pass backend={instead} on purpose."
+    return None
+
+
 def conv_split_backend_report(env: KernelEnv, requested: str | None = None, *, interpreted: bool = False) -> dict:
     """Decide how the GDN conv + q/k/v/z split runs: ``backend`` ("triton": our fused kernels; "torch",
     "causal_conv1d", "fla": the unfused ops with that conv) and ``error``. Automatic: "torch" on CPU,
@@ -266,13 +279,8 @@ def conv_split_backend_report(env: KernelEnv, requested: str | None = None, *, i
     if requested != "triton":
         conv = conv_backend_report(env, requested)
         return {**report, "backend": conv["backend"], "error": conv["error"]}
-    if env.device != "cuda" and not (interpreted and env.device == "cpu"):
-        return {**report, "error": f"gdn_conv_split: backend='triton' needs CUDA tensors (or CPU ones under "
-                                   f"TRITON_INTERPRET=1), got {env.device}; use 'torch'"}
-    if env.device == "cuda" and env.triton is None:
-        return {**report, "error": f"gdn_conv_split: CUDA tensors but Triton is not installed; {GPU_EXTRA_HINT}, "
-                                   "or pass backend='torch' on purpose."}
-    return {**report, "backend": "triton"}
+    error = _triton_kernel_error("gdn_conv_split", env, interpreted)
+    return {**report, "error": error} if error else {**report, "backend": "triton"}
 
 
 def router_topk_backend_report(env: KernelEnv, requested: str | None = None, *, interpreted: bool = False) -> dict:
@@ -285,13 +293,8 @@ def router_topk_backend_report(env: KernelEnv, requested: str | None = None, *, 
         requested = "triton" if env.device == "cuda" else "torch"
     if requested == "torch":
         return {**report, "backend": "torch"}
-    if env.device != "cuda" and not (interpreted and env.device == "cpu"):
-        return {**report, "error": f"router_topk: backend='triton' needs CUDA tensors (or CPU ones under "
-                                   f"TRITON_INTERPRET=1), got {env.device}; use 'torch'"}
-    if env.device == "cuda" and env.triton is None:
-        return {**report, "error": f"router_topk: CUDA tensors but Triton is not installed; {GPU_EXTRA_HINT}, "
-                                   "or pass backend='torch' on purpose."}
-    return {**report, "backend": "triton"}
+    error = _triton_kernel_error("router_topk", env, interpreted)
+    return {**report, "error": error} if error else {**report, "backend": "triton"}
 
 
 def moe_swiglu_backend_report(env: KernelEnv, requested: str | None = None, *, interpreted: bool = False) -> dict:
@@ -305,13 +308,9 @@ def moe_swiglu_backend_report(env: KernelEnv, requested: str | None = None, *, i
         requested = "triton" if env.device == "cuda" else "torch"
     if requested != "triton":
         return {**report, "backend": requested}
-    if env.device != "cuda" and not (interpreted and env.device == "cpu"):
-        return {**report, "error": f"moe_weighted_swiglu: backend='triton' needs CUDA tensors (or CPU ones under "
-                                   f"TRITON_INTERPRET=1), got {env.device}; use 'torch' or 'compile'"}
-    if env.device == "cuda" and env.triton is None:
-        return {**report, "error": f"moe_weighted_swiglu: CUDA tensors but Triton is not installed; "
-                                   f"{GPU_EXTRA_HINT}, or pass backend='compile' on purpose."}
-    return {**report, "backend": "triton"}
+    error = _triton_kernel_error("moe_weighted_swiglu", env, interpreted, use="'torch' or 'compile'",
+                                 instead="'compile'")
+    return {**report, "error": error} if error else {**report, "backend": "triton"}
 
 
 @cache
