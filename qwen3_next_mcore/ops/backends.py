@@ -297,6 +297,13 @@ def router_topk_backend_report(env: KernelEnv, requested: str | None = None, *, 
     return {**report, "error": error} if error else {**report, "backend": "triton"}
 
 
+@cache
+def router_topk_backend(env: KernelEnv, requested: str | None = None, *, interpreted: bool = False) -> str:
+    """:func:`router_topk_backend_report` resolved (raises its error, logs the choice once), cached: the
+    router asks on every forward."""
+    return resolve(router_topk_backend_report(env, requested, interpreted=interpreted))
+
+
 def moe_swiglu_backend_report(env: KernelEnv, requested: str | None = None, *, interpreted: bool = False) -> dict:
     """Decide the routed experts' weighted SwiGLU backend (``ops/moe_swiglu.py``): ``backend`` ("torch",
     "compile": megatron-core's compiled fusion, "triton": our kernels) and ``error``. Automatic: "torch" on
@@ -314,9 +321,10 @@ def moe_swiglu_backend_report(env: KernelEnv, requested: str | None = None, *, i
 
 
 @cache
-def moe_swiglu_backend(env: KernelEnv, requested: str | None = None) -> str:
-    """:func:`moe_swiglu_backend_report` resolved (raises its error, logs the choice once), cached."""
-    return resolve(moe_swiglu_backend_report(env, requested))
+def moe_swiglu_backend(env: KernelEnv, requested: str | None = None, *, interpreted: bool = False) -> str:
+    """:func:`moe_swiglu_backend_report` resolved (raises its error, logs the choice once), cached: the
+    experts ask on every forward."""
+    return resolve(moe_swiglu_backend_report(env, requested, interpreted=interpreted))
 
 
 def norm_backend_report(env: KernelEnv, requested: str | None = None) -> dict:

@@ -22,7 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .backends import env_for, moe_swiglu_backend, moe_swiglu_backend_report, resolve
+from .backends import env_for, moe_swiglu_backend
 
 ROWS_PER_PROGRAM = 4
 
@@ -33,8 +33,7 @@ def weighted_swiglu(h: torch.Tensor, probs: torch.Tensor, *, backend: str | None
         raise ValueError(f"weighted_swiglu: h must be [rows, 2F] and probs [rows], got {tuple(h.shape)} and "
                          f"{tuple(probs.shape)}")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    name = (resolve(moe_swiglu_backend_report(env_for(h), backend, interpreted=True)) if interpreted
-            else moe_swiglu_backend(env_for(h), backend))
+    name = moe_swiglu_backend(env_for(h), backend, interpreted=interpreted)
     if name == "triton":
         return _WeightedSwiGLU.apply(h, probs)
     if name == "compile":

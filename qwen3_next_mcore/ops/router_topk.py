@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .backends import AUTO, env_for, resolve, router_topk_backend_report
+from .backends import AUTO, env_for, router_topk_backend
 
 ROWS_PER_PROGRAM = 4
 # below this many experts the automatic choice keeps torch.topk: on an H200, 8192 tokens x 64 experts
@@ -41,7 +41,7 @@ def row_topk_indices(scores: torch.Tensor, k: int, *, backend: str | None = None
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if backend in AUTO and E < TRITON_MIN_EXPERTS:
         backend = "torch"
-    if resolve(router_topk_backend_report(env_for(scores), backend, interpreted=interpreted)) == "torch":
+    if router_topk_backend(env_for(scores), backend, interpreted=interpreted) == "torch":
         return torch.topk(scores, k, dim=1).indices
     from ._router_topk_kernels import row_topk_kernel
 

@@ -71,9 +71,8 @@ def test_few_experts_keep_torch_topk_by_default(monkeypatch):
     from qwen3_next_mcore.ops import router_topk
 
     asked = []
-    monkeypatch.setattr(router_topk, "router_topk_backend_report",
-                        lambda env, backend, interpreted: asked.append(backend) or {"error": None, "op": "router_topk",
-                                                                                    "backend": "torch", "device": "cpu"})
+    monkeypatch.setattr(router_topk, "router_topk_backend",
+                        lambda env, backend, interpreted: asked.append(backend) or "torch")
     router_topk.row_topk_indices(torch.randn(4, router_topk.TRITON_MIN_EXPERTS - 1), 2)
     router_topk.row_topk_indices(torch.randn(4, router_topk.TRITON_MIN_EXPERTS), 2)
     router_topk.row_topk_indices(torch.randn(4, 64), 2, backend="triton")
