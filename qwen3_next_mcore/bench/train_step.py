@@ -3,7 +3,8 @@ ours vs transformers' ``Qwen3NextForCausalLM``, same config, same initial weight
 
 Ours: the reference training loop's own parts (``training.loop._build``: megatron-core DDP with fp32
 gradient buffers, ``get_megatron_optimizer`` Adam with fp32 main weights, our model in bf16), one
-micro-batch of ``batch x seq`` tokens per step, once per recompute mode (none, selective, full).
+micro-batch of ``batch x seq`` tokens per step, once per memory mode (recompute none, selective, full;
+activation offload) and, when asked for, with the padded experts layout (``layers/moe.py``).
 transformers: bf16 parameters, ``torch.optim.AdamW`` (fused on CUDA), its fastest experts implementation,
 SDPA attention; the loss from ``labels``. MTP is off in both (transformers has none); our MoE layers
 also compute the load-balancing loss (transformers' forward does not unless asked).
@@ -31,9 +32,14 @@ from .timing import measure_steps, peak_memory_gb, profile_table, reset_peak_mem
 log = logging.getLogger(__name__)
 
 STEPS_PER_WINDOW = 4  # steps issued back to back per timed window
+# our candidates: the training options of each, and its label ("padded": no recompute, the opt-in padded
+# experts layout; not in the default modes)
 RECOMPUTE_MODES = {"none": {}, "selective": {"recompute_granularity": "selective"},
                    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
-                   "offload": {"cpu_offloading": True, "cpu_offloading_num_layers": 64}}
+                   "offload": {"cpu_offloading": True, "cpu_offloading_num_layers": 64},
+                   "padded": {"experts_layout": "padded"}}
+MODE_LABELS = {"none": "recompute none", "selective": "recompute selective", "full": "recompute full",
+               "offload": "activation offload", "padded": "padded experts layout"}
 
 
 def _batch(vocab: int, batch: int, seq: int, device: torch.device) -> torch.Tensor:
@@ -138,8 +144,7 @@ def _candidate(rank: int, which: str, preset: str, overrides: dict, batch: int, 
         name, granularity, loss0 = f"transformers ({impl} experts, AdamW)", None, float(step())
     else:
         step, keep = _ours_step(config, hf_state, ids, torch_dtype, RECOMPUTE_MODES[which])
-        label = "activation offload" if which == "offload" else f"recompute {which}"
-        name, granularity, errors = f"ours ({label})", RECOMPUTE_MODES[which].get("recompute_granularity"), {}
+        name, granularity, errors = f"ours ({MODE_LABELS[which]})", RECOMPUTE_MODES[which].get("recompute_granularity"), {}
         loss0 = float(step())
     del hf_state
     row = {"candidate": name, "loss_step0": loss0, "unavailable": errors}

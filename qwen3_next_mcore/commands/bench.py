@@ -17,8 +17,9 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--profile", action="store_true",
                    help="also write a torch.profiler table per timed candidate to OUT/profile/")
-    p.add_argument("--train-step-modes", nargs="+", choices=["none", "selective", "full", "offload"],
-                   help="our memory modes in the train-step case (default: all four; transformers always runs)")
+    p.add_argument("--train-step-modes", nargs="+", choices=["none", "selective", "full", "offload", "padded"],
+                   help="our candidates in the train-step case: memory modes, or 'padded' (no recompute, the padded "
+                        "experts layout) (default: none selective full offload; transformers always runs)")
     p.set_defaults(func=_run)
 
 

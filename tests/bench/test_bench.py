@@ -140,26 +140,30 @@ def _run_train_step_small(rank, out: str) -> dict:
     from qwen3_next_mcore.bench import run
 
     return run(["train-step"], out_dir=out, size="small", warmup=0, reps=2, profile=True,
-               train_step_modes=("none", "offload"))
+               train_step_modes=("none", "offload", "padded"))
 
 
 def test_train_step_runs_each_candidate_in_its_own_process(tmp_path):
     """train-step on the tiny preset (fp32, CPU) through the runner: transformers and ours start from the
     same weights, so their first losses agree (ours predicts one more position per row: a 1/T difference
-    at most); the report and a profiler table per candidate are written."""
+    at most), ours the same in each memory mode and experts layout; the report and a profiler table per
+    candidate are written."""
     res = run_distributed(_run_train_step_small, 1, args=(str(tmp_path),))[0]["cases"]["train-step"]
     rows = {r["candidate"]: r for r in res["rows"]}
     assert set(rows) == {"transformers (eager experts, AdamW)", "ours (recompute none)",
-                         "ours (activation offload)"}, res
+                         "ours (activation offload)", "ours (padded experts layout)"}, res
     assert not res["refused"]
     ours, offload = rows["ours (recompute none)"], rows["ours (activation offload)"]
     assert ours["loss_rel_error"] < 1 / 64 and ours["loss_step0"] == offload["loss_step0"]
+    padded = rows["ours (padded experts layout)"]["loss_step0"]
+    assert abs(padded - ours["loss_step0"]) < 1e-6 * abs(ours["loss_step0"])  # (batched vs grouped GEMM sums)
     assert all(r["tokens_per_s"] > 0 and r["tflops_per_gpu"] > 0 for r in rows.values())
     saved = json.loads((tmp_path / "bench_small.json").read_text())
     assert [r["candidate"] for r in saved["cases"]["train-step"]["rows"]] == [r["candidate"] for r in res["rows"]]
     assert "| ours (recompute none) |" in (tmp_path / "bench_small.md").read_text()
     tables = {p.name: p.read_text() for p in (tmp_path / "profile").glob("*.txt")}
-    assert sorted(tables) == ["train_step__ours__activation_offload.txt", "train_step__ours__recompute_none.txt",
+    assert sorted(tables) == ["train_step__ours__activation_offload.txt", "train_step__ours__padded_experts_layout.txt",
+                              "train_step__ours__recompute_none.txt",
                               "train_step__transformers__eager_experts__AdamW.txt"], sorted(tables)
     assert "aten::mm" in tables["train_step__ours__recompute_none.txt"]
     # our optimizer step is torch's fused AdamW kernel (training/fused_adam.py), transformers' the foreach one
