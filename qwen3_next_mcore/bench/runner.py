@@ -146,8 +146,9 @@ def run(names: list[str], *, out_dir: str | Path = "benchmarks/results", size: s
     ``size``: ``full`` (80B widths, B=4 x T=4096 bf16 for the layers; train-step B=2 x T=4096 on the
     proxy preset) or ``small`` (toy widths in fp32: a CPU run of the runner itself). ``profile``: also
     write a torch.profiler table per timed candidate to ``out_dir/profile/CASE__CANDIDATE.txt``.
-    ``train_step_modes``: our memory modes timed by ``train-step`` (default: all of
-    :data:`~qwen3_next_mcore.bench.train_step.RECOMPUTE_MODES`; transformers always runs)."""
+    ``train_step_modes``: our candidates timed by ``train-step``, keys of
+    :data:`~qwen3_next_mcore.bench.train_step.RECOMPUTE_MODES` (default: none, selective, full, offload;
+    "padded" on request; transformers always runs)."""
     from .. import parallel
 
     unknown = [n for n in names if n not in CASES]
