@@ -31,7 +31,8 @@ dispatcher's ``experts_layout`` is "padded"): the rows arrive as ``[E * C, H]``,
 (H200, 16k tokens x top-10 of 512 experts: the six GEMMs 8.4 ms, 366 TFLOP/s), cuBLAS's batched GEMM
 on the same rows padded to the largest count 6.0 ms (511 TFLOP/s of real work;
 ``benchmarks/grouped_gemm_shapes.py``). The padding rows cost GEMM work and memory in proportion to
-E * C / rows, so the layout pays while the routing is near balanced. Zero rows give zero activations, so
+E * C / rows, and the capacity is a host read, so the whole layer is not faster there (12.55 against
+12.18 ms, ``benchmarks/moe_layouts.py``): the layout is opt-in. Zero rows give zero activations, so
 they add nothing to the weight gradients; under DDP (``wgrad_into_main_grad``) the weight gradient is
 accumulated into the fp32 main grad by the GEMM itself on CUDA (``baddbmm`` with an fp32 output).
 """
