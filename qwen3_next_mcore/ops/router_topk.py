@@ -5,7 +5,9 @@ select (four kernels) that took 0.40 ms per MoE layer for 16k tokens on an H200,
 router's GEMM forward and backward together. The routing needs only the indices (megatron-core's
 ``topk_routing_with_score_function`` takes them as ``precomputed_indices`` and gathers the scores, so
 autograd is unchanged), and a row of 512 scores fits in one program's registers: the Triton kernel
-(``_router_topk_kernels``) picks the k largest in k rounds of a row maximum.
+(``_router_topk_kernels``) picks the k largest in k rounds of a row maximum: 0.133 ms against 0.447 ms
+(H200, 16k x 512, top-10). At 64 experts ``torch.topk`` is faster (0.048 against 0.076 ms), so the
+automatic choice uses the kernel from :data:`TRITON_MIN_EXPERTS` experts on.
 
 Order: descending scores; equal scores in ascending column order (``torch.topk`` leaves ties
 unspecified). NaN: a positive-signed NaN ranks above every number, a negative-signed one below (torch
