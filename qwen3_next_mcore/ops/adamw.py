@@ -23,11 +23,12 @@ the scalars (``lr * weight_decay``, ``1 - beta``, the bias corrections) made in 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .backends import triton_interpreted
 
 BLOCK = 4096  # weights per program: 16 per thread at 8 warps
 
@@ -180,7 +181,7 @@ def adamw_multi_tensor(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     if not params:
         return
     model_params = list(model_params) if model_params is not None else [None] * len(params)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+    interpreted = triton_interpreted()  # Triton's CPU interpreter (tests)
     for i, (p, g, m, v, s, w) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, model_params,
                                                strict=True)):
         on_device = p.is_cuda or (interpreted and p.device.type == "cpu")

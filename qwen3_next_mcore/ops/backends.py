@@ -253,6 +253,12 @@ def conv_backend_report(env: KernelEnv, requested: str | None = None) -> dict:
     return {**report, "backend": requested}
 
 
+def triton_interpreted() -> bool:
+    """Whether Triton runs its kernels in its CPU interpreter (``TRITON_INTERPRET=1``: the tests), where our
+    Triton ops accept CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_kernel_error(op: str, env: KernelEnv, interpreted: bool, *, use: str = "'torch'",
                          instead: str = "'torch'") -> str | None:
     """Why our Triton kernels of ``op`` cannot run on ``env``'s tensors, or None: they need CUDA tensors

@@ -31,11 +31,10 @@ reshapes); the tests compare the kernel (on CPU under Triton's interpreter, and 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from .backends import conv_split_backend_report, env_for, resolve
+from .backends import conv_split_backend_report, env_for, resolve, triton_interpreted
 from .causal_conv1d import causal_conv1d
 
 
@@ -210,8 +209,7 @@ def conv_split_qkvz(qkvz: torch.Tensor, weight: torch.Tensor, *, dk: int, dv: in
     if cu_seqlens is not None and qkvz.shape[0] != 1:
         raise ValueError(f"conv_split_qkvz: cu_seqlens needs the packed sequences flattened into batch size 1, "
                          f"got B={qkvz.shape[0]}")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    name = resolve(conv_split_backend_report(env_for(qkvz), backend, interpreted=interpreted))
+    name = resolve(conv_split_backend_report(env_for(qkvz), backend, interpreted=triton_interpreted()))
     if name != "triton":
         return conv_split_qkvz_reference(qkvz, weight, dk=dk, dv=dv, r=r, cu_seqlens=cu_seqlens, conv_backend=name)
     pos = None if cu_seqlens is None else token_positions(cu_seqlens, qkvz.shape[1])

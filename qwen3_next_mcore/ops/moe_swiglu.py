@@ -17,12 +17,10 @@ compares the backends with it (the Triton kernels on CPU under Triton's interpre
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .backends import env_for, moe_swiglu_backend
+from .backends import env_for, moe_swiglu_backend, triton_interpreted
 
 ROWS_PER_PROGRAM = 4
 
@@ -32,8 +30,7 @@ def weighted_swiglu(h: torch.Tensor, probs: torch.Tensor, *, backend: str | None
     if h.dim() != 2 or h.shape[1] % 2 or probs.shape != h.shape[:1]:
         raise ValueError(f"weighted_swiglu: h must be [rows, 2F] and probs [rows], got {tuple(h.shape)} and "
                          f"{tuple(probs.shape)}")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    name = moe_swiglu_backend(env_for(h), backend, interpreted=interpreted)
+    name = moe_swiglu_backend(env_for(h), backend, interpreted=triton_interpreted())
     if name == "triton":
         return _WeightedSwiGLU.apply(h, probs)
     if name == "compile":
@@ -59,8 +56,10 @@ def _kernels():
 
 
 def _launch(h: torch.Tensor) -> tuple[tuple[int], dict]:
+    import triton
+
     R, F2 = h.shape
-    block_f = max(16, 1 << (F2 // 2 - 1).bit_length())
+    block_f = max(16, triton.next_power_of_2(F2 // 2))
     return (-(-R // ROWS_PER_PROGRAM),), {"ROWS": ROWS_PER_PROGRAM, "BLOCK_F": block_f, "num_warps": 4}
 
 

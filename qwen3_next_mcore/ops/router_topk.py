@@ -19,11 +19,9 @@ Reference: :func:`row_topk_reference` (a stable sort); ``tests/ops/test_router_t
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .backends import AUTO, env_for, router_topk_backend
+from .backends import AUTO, env_for, router_topk_backend, triton_interpreted
 
 ROWS_PER_PROGRAM = 4
 # below this many experts the automatic choice keeps torch.topk: on an H200, 8192 tokens x 64 experts
@@ -40,18 +38,19 @@ def row_topk_indices(scores: torch.Tensor, k: int, *, backend: str | None = None
     N, E = scores.shape
     if not 0 < k <= E:
         raise ValueError(f"row_topk_indices: k={k} must be in 1..{E} (the number of experts)")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if backend in AUTO and E < TRITON_MIN_EXPERTS:
         backend = "torch"
-    if router_topk_backend(env_for(scores), backend, interpreted=interpreted) == "torch":
+    if router_topk_backend(env_for(scores), backend, interpreted=triton_interpreted()) == "torch":
         return torch.topk(scores, k, dim=1).indices
+    import triton
+
     from ._router_topk_kernels import row_topk_kernel
 
     if scores.stride(1) != 1:
         scores = scores.contiguous()
     out = torch.empty(N, k, dtype=torch.int64, device=scores.device)
     if N:
-        block_e = max(16, 1 << (E - 1).bit_length())
+        block_e = max(16, triton.next_power_of_2(E))
         row_topk_kernel[(-(-N // ROWS_PER_PROGRAM),)](scores, out, N, E, scores.stride(0), K=k, BLOCK_E=block_e,
                                                        ROWS=ROWS_PER_PROGRAM, num_warps=4)
     return out
