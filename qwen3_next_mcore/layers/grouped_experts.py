@@ -107,6 +107,13 @@ def _autotuned_grouped_mm(signature: tuple):
                          fullgraph=True)
 
 
+def _first_gradient_this_step(weight: torch.Tensor) -> bool:
+    """Whether this backward writes ``weight.main_grad`` first in the step, so it may overwrite it: DDP zeroes
+    the main grads and sets ``grad_added_to_main_grad`` False before each step, and only the experts'
+    backward writes these weights' main grads. A weight without DDP's flag is always added to."""
+    return getattr(weight, "grad_added_to_main_grad", None) is False
+
+
 class _ExpertsGemm(torch.autograd.Function):
     """x [T, in] rows grouped by expert (``offs``: the groups' ends), weight [E, out, in] -> [T, out],
     ``x[rows of e] @ weight[e].T`` per expert, every GEMM through :func:`grouped_gemm` with ``backend``.
@@ -133,11 +140,7 @@ class _ExpertsGemm(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=grad.dtype, device=grad.device)
         if not ctx.into_main_grad:
             return grad_x, grad_w, None, None, None
-        # DDP zeroes the main grads and clears grad_added_to_main_grad before each step, and only this
-        # backward writes these weights' main grads: the step's first gradient is copied, not added (a
-        # weight without DDP's flag is always added to)
-        first = getattr(weight, "grad_added_to_main_grad", None) is False
-        add_into_main_grad(weight.main_grad, grad_w, first=first)
+        add_into_main_grad(weight.main_grad, grad_w, first=_first_gradient_this_step(weight))
         weight.grad_added_to_main_grad = True
         if getattr(weight, "zero_out_wgrad", False):  # (megatron-core's contract for shared weights)
             grad_w.zero_()
@@ -167,7 +170,7 @@ class _ExpertsBmm(torch.autograd.Function):
             return grad_x, torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None, None
         from ..training.wgrad_fusion import main_grad_placeholder
 
-        first = getattr(weight, "grad_added_to_main_grad", None) is False  # (see _ExpertsGemm)
+        first = _first_gradient_this_step(weight)
         main = weight.main_grad
         if grad.is_cuda and grad.dtype in (torch.bfloat16, torch.float16):
             torch.baddbmm(main, grad.transpose(1, 2), x, beta=0 if first else 1, out_dtype=torch.float32, out=main)

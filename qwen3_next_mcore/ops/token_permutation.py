@@ -86,7 +86,7 @@ def pad_by_expert(perm: Permutation, flat: torch.Tensor, tokens_per_expert: torc
 
 
 def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
-    """x [n, ...] -> [n + 1, ...], the last row zeros (what the padded layout's padding rows gather)."""
+    """x [n, ...] (1-d too) -> [n + 1, ...], the last row zeros (what the padded layout's padding rows gather)."""
     return torch.cat([x, x.new_zeros(1, *x.shape[1:])])
 
 
@@ -163,7 +163,7 @@ def permute_tokens(tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch
     row_probs = None
     if probs is not None:
         flat_probs = probs.reshape(-1)
-        row_probs = (_with_zero_row(flat_probs.unsqueeze(1)).squeeze(1) if padded else flat_probs).index_select(0, flat)
+        row_probs = (_with_zero_row(flat_probs) if padded else flat_probs).index_select(0, flat)
     return rows, row_probs, perm
 
 
