@@ -4,8 +4,9 @@ imports without Triton).
 A program takes ROWS rows of the ``[N, E]`` scores. Each score becomes one int64 key that orders exactly as
 the floats do and breaks ties by column: the high 32 bits are the float32's bits made sortable as a signed
 integer (negative floats have their magnitude bits flipped), the low 32 bits ``BLOCK_E - 1 - column``, so
-equal scores prefer the lower column (-0.0 is made +0.0 first: it equals +0.0). Every key is distinct, so K rounds of "take the row's largest key,
-then knock it out" give the top K in descending order, whatever the values (equal scores, -inf).
+equal scores prefer the lower column (-0.0 is made +0.0 first: it equals +0.0). Every key is distinct, so
+K rounds of "take the row's largest key, then knock it out" give the top K in descending order, whatever
+the values (equal scores, -inf).
 """
 
 from __future__ import annotations
