@@ -10,8 +10,11 @@ from qwen3_next_mcore.ops import backends
 from qwen3_next_mcore.ops.backends import (
     KernelEnv,
     conv_backend_report,
+    conv_split_backend_report,
     gdn_backend_report,
+    moe_swiglu_backend_report,
     norm_backend_report,
+    router_topk_backend_report,
 )
 
 HOPPER, AMPERE, BLACKWELL = (9, 0), (8, 0), (10, 0)
@@ -179,3 +182,18 @@ def test_gating_from_raw_projections_equals_precomputed_gating():
     (o0, A0, d0), (o1, A1, d1) = runs
     assert torch.equal(o0, o1)
     assert torch.equal(A0.grad, A1.grad) and torch.equal(d0.grad, d1.grad) and A0.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("report", [conv_split_backend_report, router_topk_backend_report, moe_swiglu_backend_report])
+def test_triton_kernel_ops_share_one_backend_rule(report):
+    """Our Triton-kernel ops (the fused conv split, the router top-k, the experts' SwiGLU): automatic "torch"
+    on CPU and "triton" on CUDA; "triton" on CPU tensors only under Triton's interpreter; CUDA without
+    Triton and unknown backends are named errors (``backends._triton_kernel_error``, ``_check_requested``)."""
+    cpu = KernelEnv(device="cpu")
+    assert report(cpu)["backend"] == "torch"
+    assert report(cuda())["backend"] == "triton"
+    assert "needs CUDA tensors (or CPU ones under TRITON_INTERPRET=1)" in report(cpu, "triton")["error"]
+    assert report(cpu, "triton", interpreted=True)["backend"] == "triton"
+    assert "Triton is not installed" in report(KernelEnv(device="cuda"))["error"]
+    with pytest.raises(ValueError, match="backend must be None, 'auto' or one of"):
+        report(cpu, "radix")

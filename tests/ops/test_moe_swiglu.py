@@ -62,16 +62,11 @@ def test_torch_backend_matches_fp64(dtype):
     assert max(e[k] for k in ("y", "dh", "dp")) < (1e-6 if dtype == torch.float32 else 1e-2), e
 
 
-def test_backend_rule_and_errors():
+def test_backend_rule_and_errors():  # (the rule shared with the other Triton ops: tests/ops/test_gdn_backends.py)
     cpu, gpu = KernelEnv(device="cpu"), KernelEnv(device="cuda", capability=(9, 0), triton="3.6.0")
-    assert moe_swiglu_backend_report(cpu)["backend"] == "torch"
-    assert moe_swiglu_backend_report(gpu)["backend"] == "triton"
     assert moe_swiglu_backend_report(gpu, "compile")["backend"] == "compile"
-    assert "needs CUDA tensors" in moe_swiglu_backend_report(cpu, "triton")["error"]
-    assert moe_swiglu_backend_report(cpu, "triton", interpreted=True)["backend"] == "triton"
-    assert "Triton is not installed" in moe_swiglu_backend_report(KernelEnv(device="cuda"))["error"]
-    with pytest.raises(ValueError, match="backend"):
-        moe_swiglu_backend_report(cpu, "cuda")
+    assert moe_swiglu_backend_report(cpu, "compile")["backend"] == "compile"
+    assert "use 'torch' or 'compile'" in moe_swiglu_backend_report(cpu, "triton")["error"]
     with pytest.raises(ValueError, match=r"\[rows, 2F\]"):
         weighted_swiglu(torch.zeros(4, 7), torch.zeros(4))
     with pytest.raises(ValueError, match=r"probs \[rows\]"):
